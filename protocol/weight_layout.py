@@ -1,0 +1,103 @@
+"""The flat byte layout of one policy version on the wire (safetensors layout), shared by learner and actors.
+
+A state dict becomes one flat little-endian buffer: each tensor's bytes, row-major, contiguous,
+no holes; `TensorMeta` gives its safetensors dtype name (F32, BF16, F16, ...), shape, byte offset
+and byte length. As safetensors does, tensors are placed in order of decreasing element size, so
+every tensor starts at a multiple of its element size (the receiver views the buffer without
+copies); the header lists them in the state dict's own order. The buffer travels as `n_chunks`
+chunks, in order: chunk i starts where chunk i-1 ended (all but the last have the sender's chunk size).
+
+Imports torch; `protocol/__init__` does not import this module, so the codec stays torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from protocol.errors import ProtocolError
+from protocol.messages import TensorMeta, WeightHeader
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: dt for dt, name in DTYPE_NAMES.items()}
+
+
+def plan_layout(state_dict: dict[str, torch.Tensor]) -> tuple[list[TensorMeta], int]:
+    """Offsets of every tensor in the flat buffer, and its total size."""
+    metas = []
+    for name, t in state_dict.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
+        metas.append(TensorMeta(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), offset=0,
+                                nbytes=t.numel() * t.element_size()))
+    offset = 0
+    for meta in sorted(metas, key=lambda m: -TORCH_DTYPES[m.dtype].itemsize):  # stable: keeps dict order
+        meta.offset = offset
+        offset += meta.nbytes
+    return metas, offset
+
+
+def iter_chunks(state_dict: dict[str, torch.Tensor], metas: list[TensorMeta], total_bytes: int,
+                chunk_bytes: int) -> Iterator[bytearray]:
+    """The flat buffer, `chunk_bytes` at a time (one copy of each tensor; tensors are moved to CPU)."""
+    pieces = sorted(((m.offset, state_dict[m.name]) for m in metas if m.nbytes), key=lambda p: p[0])
+    buf = bytearray(min(chunk_bytes, total_bytes))
+    filled = 0
+    for _, t in pieces:
+        src = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        pos = 0
+        while pos < len(src):
+            n = min(len(buf) - filled, len(src) - pos)
+            buf[filled:filled + n] = src[pos:pos + n]
+            filled += n
+            pos += n
+            if filled == len(buf):
+                yield buf
+                total_bytes -= filled
+                buf = bytearray(min(chunk_bytes, total_bytes))
+                filled = 0
+
+
+def check_header(header: WeightHeader) -> None:
+    """Raise ProtocolError unless the header describes a hole-free, in-bounds, well-typed layout."""
+    if header.total_bytes < 0 or header.n_chunks < 0 or (header.total_bytes > 0) != (header.n_chunks > 0):
+        raise ProtocolError("malformed", f"weights v{header.version}: {header.total_bytes} bytes in {header.n_chunks} chunks")
+    if header.n_chunks > header.total_bytes:
+        raise ProtocolError("malformed", f"weights v{header.version}: more chunks than bytes")
+    spans = []
+    for m in header.tensors:
+        dtype = TORCH_DTYPES.get(m.dtype)
+        if dtype is None:
+            raise ProtocolError("dtype", f"tensor {m.name!r}: unknown dtype {m.dtype!r}")
+        if any(d < 0 for d in m.shape) or math.prod(m.shape) * dtype.itemsize != m.nbytes:
+            raise ProtocolError("malformed", f"tensor {m.name!r}: shape {m.shape} does not match {m.nbytes} bytes")
+        if m.offset < 0 or m.offset % dtype.itemsize:
+            raise ProtocolError("malformed", f"tensor {m.name!r}: offset {m.offset} not aligned to {dtype.itemsize}")
+        spans.append((m.offset, m.offset + m.nbytes))
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise ProtocolError("malformed", f"weights v{header.version}: tensor bytes overlap or leave a hole at {end}")
+        end = stop
+    if end != header.total_bytes:
+        raise ProtocolError("malformed", f"weights v{header.version}: tensors cover {end} of {header.total_bytes} bytes")
+    if len({m.name for m in header.tensors}) != len(header.tensors):
+        raise ProtocolError("malformed", f"weights v{header.version}: duplicate tensor names")
+
+
+def unflatten(header: WeightHeader, flat: bytearray) -> dict[str, torch.Tensor]:
+    """Tensors viewing `flat` (no copy), in the header's order; `flat` must hold the whole buffer."""
+    if len(flat) != header.total_bytes:
+        raise ProtocolError("malformed", f"weights v{header.version}: {len(flat)} bytes, header says {header.total_bytes}")
+    if not flat:
+        return {m.name: torch.empty(m.shape, dtype=TORCH_DTYPES[m.dtype]) for m in header.tensors}
+    data = torch.frombuffer(flat, dtype=torch.uint8)
+    return {m.name: data[m.offset:m.offset + m.nbytes].view(TORCH_DTYPES[m.dtype]).view(m.shape)
+            for m in header.tensors}

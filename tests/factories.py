@@ -1,0 +1,52 @@
+"""Builders of protocol objects for tests: a deterministic example tree and a structural comparer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from protocol import Leaf, SamplingSettings, Segment, SubtreeMsg, Tree
+
+
+def example_tree(n_leaves: int = 4, seg_tokens: int = 8, seed: int = 0) -> Tree:
+    """A binary tree q->{A,B}, A->{A1,A2}, B->{B1,B2}, ... with n_leaves leaves at depth 2 (n_leaves even)."""
+    rng = np.random.default_rng(seed)
+
+    def seg(node_id: int, parent: int, depth: int, finish="length") -> Segment:
+        return Segment(node_id=node_id, parent_id=parent, depth=depth,
+                       token_ids=rng.integers(0, 50_000, seg_tokens, dtype=np.int32),
+                       logprobs=-rng.random(seg_tokens, dtype=np.float32), policy_version=3, finish=finish)
+
+    segments, leaves = [], []
+    next_id = 1
+    for _ in range(n_leaves // 2):
+        parent = next_id
+        segments.append(seg(parent, 0, 1))
+        next_id += 1
+        for _ in range(2):
+            segments.append(seg(next_id, parent, 2, "stop"))
+            leaves.append(Leaf(node_id=next_id, reward=float(rng.choice([-1.0, 1.0])), stop_reason="eos",
+                               reward_details={"acc": 1.0}))
+            next_id += 1
+    return Tree.build(tree_id=f"t{seed}", prompt_id=f"p{seed}", run_id="run", prompt_token_ids=np.arange(5, dtype=np.int32),
+                sampling=SamplingSettings(segment_tokens=seg_tokens, max_depth=2, width=n_leaves),
+                segments=segments, leaves=leaves, prompt_text="1+1=?", answer="2")
+
+
+def example_subtree_msg(**kw) -> SubtreeMsg:
+    return SubtreeMsg(key="t0/0", actor_id="actor-0", seq=0, tree=example_tree(**kw), final=True, n_pieces=1)
+
+
+def same(a, b) -> bool:
+    """Deep equality that understands numpy arrays (dtype and values) inside dataclasses."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+                and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b

@@ -1,0 +1,56 @@
+import pytest
+
+from launcher.cli import main
+from protocol.config import ConfigError, PipelineConfig, load_config
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = load_config()
+    assert cfg.rollout.width == 16 and cfg.learner.clip_high == 0.28
+    for section in PipelineConfig.model_fields.values():
+        for name, field in section.annotation.model_fields.items():
+            assert field.description, f"{section.annotation.__name__}.{name} has no description"
+
+
+def test_yaml_then_env_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learner:\n  lr: 1.0e-5\nrollout:\n  width: 8\n")
+    cfg = load_config(f, environ={"TREEPO_ROLLOUT__WIDTH": "4", "TREEPO_PROMPTS__DATASETS": "[chain_sum, countdown]"})
+    assert cfg.learner.lr == 1e-5
+    assert cfg.rollout.width == 4
+    assert cfg.prompts.datasets == ["chain_sum", "countdown"]
+
+
+@pytest.mark.parametrize("text,field", [
+    ("learner:\n  lr: -1\n", "learner.lr"),
+    ("rollout:\n  widht: 4\n", "rollout.widht"),
+    ("engine:\n  kind: tensorrt\n", "engine.kind"),
+    ("rollout:\n  width: 2\n  init_branching: 4\n", "rollout"),
+    ("nonsense: {}\n", "nonsense"),
+])
+def test_errors_name_the_field(tmp_path, text, field):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f, environ={})
+    assert field in str(e.value)
+
+
+def test_env_errors_name_the_field():
+    with pytest.raises(ConfigError, match="buffer.max_staleness"):
+        load_config(environ={"TREEPO_BUFFER__MAX_STALENESS": "many"})
+
+
+def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  run_id: demo\n")
+    assert main(["config", "--dry-run", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "run_id: demo" in out and "clip_high: 0.28" in out
+
+
+def test_cli_bad_config_exits_2_naming_field(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("learner:\n  zero_stage: 7\n")
+    assert main(["config", str(f)]) == 2
+    assert "learner.zero_stage" in capsys.readouterr().err
