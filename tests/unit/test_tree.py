@@ -1,7 +1,7 @@
 import numpy as np
 
-from protocol import ROOT_ID
-from tests.factories import example_tree
+from protocol import ROOT_ID, Tree
+from tests.factories import example_tree, same
 
 
 def test_path_and_path_tokens_follow_parents():
@@ -9,8 +9,9 @@ def test_path_and_path_tokens_follow_parents():
     # ids: 1 -> {2, 3}, 4 -> {5, 6}
     assert [s.node_id for s in tree.path(6)] == [4, 6]
     assert tree.path(ROOT_ID) == []
-    nodes = tree.by_id()
-    assert np.array_equal(tree.path_tokens(3), np.concatenate([nodes[1].token_ids, nodes[3].token_ids]))
+    assert np.array_equal(tree.path_tokens(3), np.concatenate([tree.segment(1).token_ids, tree.segment(3).token_ids]))
+    assert np.array_equal(tree.path_logprobs(3), np.concatenate([tree.segment(1).logprobs, tree.segment(3).logprobs]))
+    assert tree.path_tokens(ROOT_ID).dtype == np.int32 and len(tree.path_tokens(ROOT_ID)) == 0
 
 
 def test_leaves_under_and_children():
@@ -27,14 +28,26 @@ def test_unique_token_count_counts_shared_prefix_once():
     assert tree.unique_token_count() == 5 + 6 * 8
 
 
+def _with(tree, segments, leaves):
+    return Tree.build(tree_id=tree.tree_id, prompt_id=tree.prompt_id, run_id=tree.run_id,
+                      prompt_token_ids=tree.prompt_token_ids, sampling=tree.sampling, segments=segments, leaves=leaves)
+
+
+def test_build_and_views_round_trip():
+    tree = example_tree(n_leaves=4)
+    again = _with(tree, tree.segments, tree.leaves)
+    assert same(again, tree)
+    assert tree.segment(5).depth == 2 and tree.segment(5).finish == "stop" and tree.segment(4).finish == "length"
+    assert tree.leaves[0].reward_details == {"acc": 1.0}
+    assert tree.min_policy_version() == 3
+
+
 def test_merge_is_idempotent():
     tree = example_tree(n_leaves=4)
-    piece = example_tree(n_leaves=4)
-    piece.segments, piece.leaves = piece.segments[:3], piece.leaves[:2]
-    partial = example_tree(n_leaves=4)
-    partial.segments, partial.leaves = [], []
+    piece = _with(tree, tree.segments[:3], tree.leaves[:2])
+    partial = _with(tree, [], [])
     partial.merge(piece)
     partial.merge(piece)
     partial.merge(tree)
-    assert [s.node_id for s in partial.segments] == [1, 2, 3, 4, 5, 6]
-    assert [leaf.node_id for leaf in partial.leaves] == [2, 3, 5, 6]
+    assert same(partial, tree)
+    assert partial.segment(6).parent_id == 4

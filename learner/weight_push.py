@@ -1,0 +1,333 @@
+"""Learner side of the weight push: publish each policy version to every actor over ZeroMQ, newest only.
+
+Wire protocol (a ROUTER bound by the learner, one DEALER per actor; every frame is a
+`protocol.codec` message):
+
+    actor -> learner   Hello(sender, role="actor", policy_version=have)  join, or abandon a transfer and ask again
+                       Heartbeat(sender, policy_version=have)            alive, idle, holds version `have`
+                       Ack(key="<version>/<index>")                     chunk received: one credit back
+                       Shutdown(sender)                                 leaving
+    learner -> actor   WeightHeader, then WeightChunk 0..n_chunks-1 of one version; Shutdown on close
+
+Latest only: `publish` keeps one snapshot, the newest version, as encoded frames. An actor that is
+idle and holds an older version gets a transfer of that snapshot; the transfer runs to its end with
+at most `window` chunks unacknowledged (credits), and if newer versions were published meanwhile
+the actor next gets the newest of them. So each actor has at most one version in flight, a slow
+actor skips every version published while it was busy, and nothing queues up for it. A snapshot
+that is no longer the newest lives only while a transfer still streams it.
+
+Timeouts (the learner never hangs on an actor): a send that cannot proceed for `send_timeout_s`,
+or an actor that returns no credit for `send_timeout_s` mid-transfer, is a `WeightSendTimeout`:
+the actor is dropped (it rejoins with its next Heartbeat) and the error is kept in `failures`.
+`wait_delivered(version, timeout_s)` raises `WeightSendTimeout` unless every live actor (at least
+`min_peers`) holds `version` in time. Idle actors silent for `peer_timeout_s` are forgotten.
+
+Usage (rank 0 of the learner):
+
+    pub = ZmqWeightPublisher(WeightsConfig(address="tcp://*:5556"), security_cfg, run_id="run")
+    pub.publish(step, model.state_dict())   # returns once the version is snapshotted
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from protocol.codec import Limits, decode, encode
+from protocol.config.transport import SecurityConfig
+from protocol.config.weights import WeightsConfig
+from protocol.errors import ProtocolError
+from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
+from protocol.security import secure_server, stop_authenticator
+from protocol.weight_layout import iter_chunks, plan_layout
+
+
+class WeightSendTimeout(TimeoutError):
+    """Weights could not be sent to (or were not acknowledged by) an actor in time."""
+
+
+class WeightPublisherError(RuntimeError):
+    """The publisher's background thread died; the cause is chained."""
+
+
+class WeightPublisher(ABC):
+    """Publishes policy versions to actors; only the newest version is ever delivered."""
+
+    @abstractmethod
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Snapshot `state_dict` as `version` (greater than the last one) and push it in the background."""
+
+    @abstractmethod
+    def wait_delivered(self, version: int, timeout_s: float, min_peers: int = 1) -> None:
+        """Block until every live actor (at least `min_peers`) holds `version`; WeightSendTimeout otherwise."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop pushing and release the sockets."""
+
+    def __enter__(self) -> WeightPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def send_or_timeout(sock: zmq.Socket, frames: list[bytes], what: str) -> None:
+    """Send a multipart message, raising WeightSendTimeout when it cannot proceed within the socket's SNDTIMEO."""
+    try:
+        sock.send_multipart(frames, copy=False)
+    except zmq.Again:
+        raise WeightSendTimeout(f"{what}: send blocked for {sock.sndtimeo} ms") from None
+
+
+@dataclass
+class _Snapshot:
+    version: int
+    header: bytes
+    chunks: list[bytes]
+    nbytes: int
+
+
+@dataclass
+class _Peer:
+    identity: bytes
+    name: str
+    have: int
+    last_seen: float
+    transfer: _Snapshot | None = None
+    sent: int = 0  # chunks of the transfer sent
+    acked: int = 0  # chunks of the transfer acknowledged
+    last_progress: float = 0.0
+
+
+class ZmqWeightPublisher(WeightPublisher):
+    """ROUTER-based publisher with per-actor credit flow (see the module docstring for the protocol)."""
+
+    def __init__(self, cfg: WeightsConfig, security: SecurityConfig | None = None, run_id: str = "",
+                 limits: Limits = Limits()):
+        self.cfg, self.run_id, self.limits = cfg, run_id, limits
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.linger = 0
+        self._sock.router_mandatory = True
+        self._sock.sndtimeo = int(cfg.send_timeout_s * 1000)
+        secure_server(self._sock, security or SecurityConfig(), self._ctx)
+        self._sock.bind(cfg.address)
+        self.address: str = self._sock.last_endpoint.decode()
+        wake = f"inproc://weight-push-wake-{id(self)}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake)
+        self._cond = threading.Condition()
+        self._latest: _Snapshot | None = None
+        self._peers: dict[bytes, _Peer] = {}
+        self._stop = False
+        self._error: BaseException | None = None
+        self.failures: collections.deque[Exception] = collections.deque(maxlen=100)
+        self.bytes_sent = 0
+        self.transfers_done = 0
+        self._thread = threading.Thread(target=self._run, name="weight-publisher", daemon=True)
+        self._thread.start()
+
+    # --- caller side -------------------------------------------------------------------------------
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        self._raise_if_dead()
+        with self._cond:
+            if self._latest is not None and version <= self._latest.version:
+                raise ValueError(f"version {version} is not newer than the published {self._latest.version}")
+        metas, total = plan_layout(state_dict)
+        n_chunks = math.ceil(total / self.cfg.chunk_bytes)
+        header = encode(WeightHeader(run_id=self.run_id, version=version, tensors=metas, total_bytes=total,
+                                     n_chunks=n_chunks))
+        chunks = [encode(WeightChunk(version=version, index=i, data=data))  # type: ignore[arg-type]
+                  for i, data in enumerate(iter_chunks(state_dict, metas, total, self.cfg.chunk_bytes))]
+        with self._cond:
+            self._latest = _Snapshot(version, header, chunks, total)
+            self._wake_tx.send(b"")
+
+    def wait_delivered(self, version: int, timeout_s: float, min_peers: int = 1) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                self._raise_if_dead()
+                behind = sorted(p.name for p in self._peers.values() if p.have < version)
+                if not behind and len(self._peers) >= min_peers:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WeightSendTimeout(f"version {version} not delivered within {timeout_s} s: "
+                                            f"{len(self._peers)} actor(s) live (need {min_peers}), behind: {behind}")
+                self._cond.wait(left)
+
+    def peers(self) -> dict[str, int]:
+        """Live actors: name -> version they hold."""
+        with self._cond:
+            return {p.name: p.have for p in self._peers.values()}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._wake_tx.send(b"")
+        self._thread.join()
+        self._wake_tx.close()
+        stop_authenticator(self._ctx)
+        self._ctx.term()
+        self._raise_if_dead()
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise WeightPublisherError("the weight publisher thread died") from self._error
+
+    # --- background thread (sole user of the ROUTER socket) ----------------------------------------
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+            raise
+        finally:
+            self._sock.close()
+            self._wake_rx.close()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        tick_ms = int(min(self.cfg.send_timeout_s, self.cfg.peer_timeout_s, 1.0) * 250)
+        while True:
+            events = dict(poller.poll(tick_ms))
+            if self._wake_rx in events:
+                while self._wake_rx.poll(0):
+                    self._wake_rx.recv()
+            with self._cond:
+                if self._stop:
+                    break
+            if self._sock in events:
+                while self._sock.poll(0):
+                    identity, frame = self._sock.recv_multipart(copy=False)
+                    self._on_message(identity.bytes, frame.buffer)
+            self._service_peers()
+        for peer in list(self._peers.values()):
+            self._sock.send_multipart([peer.identity, encode(Shutdown(sender="learner", reason="publisher closed"))],
+                                      flags=zmq.NOBLOCK)
+
+    def _on_message(self, identity: bytes, data: memoryview) -> None:
+        now = time.monotonic()
+        peer = self._peers.get(identity)
+        try:
+            msg = decode(data, self.limits)
+        except ProtocolError as e:
+            self._fail(identity, e, reply=ErrorMsg(code=e.reason, message=str(e)))
+            return
+        if isinstance(msg, Hello | Heartbeat):
+            if peer is None or isinstance(msg, Hello):
+                peer = _Peer(identity, msg.sender, msg.policy_version, now)
+                with self._cond:
+                    self._peers[identity] = peer
+                    self._cond.notify_all()
+            peer.last_seen = now
+            if peer.transfer is None and peer.have != msg.policy_version:
+                with self._cond:
+                    peer.have = msg.policy_version
+                    self._cond.notify_all()
+        elif isinstance(msg, Ack) and peer is not None:
+            self._on_ack(peer, msg, now)
+        elif isinstance(msg, Shutdown):
+            self._forget(identity)
+        elif peer is not None or not isinstance(msg, Ack):
+            self._fail(identity, ProtocolError("type", f"unexpected {type(msg).__name__} from an actor"),
+                       reply=ErrorMsg(code="type", message=f"unexpected {type(msg).__name__}"))
+
+    def _on_ack(self, peer: _Peer, ack: Ack, now: float) -> None:
+        peer.last_seen = now
+        snap = peer.transfer
+        version, _, index = ack.key.partition("/")
+        if snap is None or version != str(snap.version):
+            return  # a credit of a transfer this actor abandoned (it sent Hello since): stale, not an error
+        if not ack.ok:
+            self._fail(peer.identity, ProtocolError("refused", f"{peer.name} refused v{snap.version}: {ack.reason}"))
+            return
+        if index != str(peer.acked) or peer.acked >= peer.sent:
+            self._fail(peer.identity, ProtocolError("malformed", f"{peer.name}: ack {ack.key!r}, expected "
+                                                    f"{snap.version}/{peer.acked}"),
+                       reply=ErrorMsg(code="malformed", message=f"unexpected ack {ack.key!r}"))
+            return
+        peer.acked += 1
+        peer.last_progress = now
+        if peer.acked == len(snap.chunks):
+            self._complete(peer)
+        else:
+            self._pump(peer)
+
+    def _service_peers(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            latest = self._latest
+        for peer in list(self._peers.values()):
+            if peer.transfer is None:
+                if now - peer.last_seen > self.cfg.peer_timeout_s:
+                    self._forget(peer.identity)
+                elif latest is not None and latest.version > peer.have:
+                    self._start(peer, latest, now)
+            elif now - peer.last_progress > self.cfg.send_timeout_s:
+                self._fail(peer.identity, WeightSendTimeout(
+                    f"{peer.name}: no credit for {self.cfg.send_timeout_s} s during v{peer.transfer.version} "
+                    f"(chunk {peer.acked}/{len(peer.transfer.chunks)})"))
+
+    def _start(self, peer: _Peer, snap: _Snapshot, now: float) -> None:
+        peer.transfer, peer.sent, peer.acked, peer.last_progress = snap, 0, 0, now
+        if self._send(peer, snap.header):
+            if snap.chunks:
+                self._pump(peer)
+            else:
+                self._complete(peer)
+
+    def _pump(self, peer: _Peer) -> None:
+        snap = peer.transfer
+        while snap is not None and peer.sent < len(snap.chunks) and peer.sent - peer.acked < self.cfg.window:
+            if not self._send(peer, snap.chunks[peer.sent]):
+                return
+            peer.sent += 1
+            self.bytes_sent += len(snap.chunks[peer.sent - 1])
+
+    def _complete(self, peer: _Peer) -> None:
+        with self._cond:
+            peer.have = peer.transfer.version
+            peer.transfer = None
+            self.transfers_done += 1
+            self._cond.notify_all()
+
+    def _send(self, peer: _Peer, frame: bytes) -> bool:
+        """Send one frame to a peer; a timeout or a vanished peer drops it (and returns False)."""
+        try:
+            send_or_timeout(self._sock, [peer.identity, frame], f"weights to {peer.name}")
+        except WeightSendTimeout as e:
+            self._fail(peer.identity, e)
+            return False
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            self._fail(peer.identity, ConnectionError(f"{peer.name} disconnected"))
+            return False
+        return True
+
+    def _fail(self, identity: bytes, error: Exception, reply: ErrorMsg | None = None) -> None:
+        self.failures.append(error)
+        if reply is not None:
+            self._sock.send_multipart([identity, encode(reply)], flags=zmq.NOBLOCK)
+        self._forget(identity)
+
+    def _forget(self, identity: bytes) -> None:
+        with self._cond:
+            self._peers.pop(identity, None)
+            self._cond.notify_all()
