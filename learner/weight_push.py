@@ -111,8 +111,8 @@ class ZmqWeightPublisher(WeightPublisher):
     """ROUTER-based publisher with per-actor credit flow (see the module docstring for the protocol)."""
 
     def __init__(self, cfg: WeightsConfig, security: SecurityConfig | None = None, run_id: str = "",
-                 limits: Limits = Limits()):
-        self.cfg, self.run_id, self.limits = cfg, run_id, limits
+                 limits: Limits | None = None):
+        self.cfg, self.run_id, self.limits = cfg, run_id, limits or Limits()
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.linger = 0
@@ -127,6 +127,7 @@ class ZmqWeightPublisher(WeightPublisher):
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(wake)
         self._cond = threading.Condition()
+        self._publish_lock = threading.Lock()
         self._latest: _Snapshot | None = None
         self._peers: dict[bytes, _Peer] = {}
         self._stop = False
@@ -139,6 +140,10 @@ class ZmqWeightPublisher(WeightPublisher):
 
     # --- caller side -------------------------------------------------------------------------------
     def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        with self._publish_lock:
+            self._publish(version, state_dict)
+
+    def _publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
         self._raise_if_dead()
         with self._cond:
             if self._latest is not None and version <= self._latest.version:
@@ -217,9 +222,9 @@ class ZmqWeightPublisher(WeightPublisher):
                     identity, frame = self._sock.recv_multipart(copy=False)
                     self._on_message(identity.bytes, frame.buffer)
             self._service_peers()
+        bye = encode(Shutdown(sender="learner", reason="publisher closed"))
         for peer in list(self._peers.values()):
-            self._sock.send_multipart([peer.identity, encode(Shutdown(sender="learner", reason="publisher closed"))],
-                                      flags=zmq.NOBLOCK)
+            self._send_nowait(peer.identity, bye)
 
     def _on_message(self, identity: bytes, data: memoryview) -> None:
         now = time.monotonic()
@@ -240,11 +245,12 @@ class ZmqWeightPublisher(WeightPublisher):
                 with self._cond:
                     peer.have = msg.policy_version
                     self._cond.notify_all()
-        elif isinstance(msg, Ack) and peer is not None:
-            self._on_ack(peer, msg, now)
         elif isinstance(msg, Shutdown):
             self._forget(identity)
-        elif peer is not None or not isinstance(msg, Ack):
+        elif isinstance(msg, Ack):
+            if peer is not None:  # else: a credit from an actor dropped since; it rejoins with a Heartbeat
+                self._on_ack(peer, msg, now)
+        else:
             self._fail(identity, ProtocolError("type", f"unexpected {type(msg).__name__} from an actor"),
                        reply=ErrorMsg(code="type", message=f"unexpected {type(msg).__name__}"))
 
@@ -324,8 +330,18 @@ class ZmqWeightPublisher(WeightPublisher):
     def _fail(self, identity: bytes, error: Exception, reply: ErrorMsg | None = None) -> None:
         self.failures.append(error)
         if reply is not None:
-            self._sock.send_multipart([identity, encode(reply)], flags=zmq.NOBLOCK)
+            self._send_nowait(identity, encode(reply))
         self._forget(identity)
+
+    def _send_nowait(self, identity: bytes, frame: bytes) -> None:
+        """A courtesy message (ErrorMsg, Shutdown): not sent when the peer is gone or its pipe is full."""
+        try:
+            self._sock.send_multipart([identity, frame], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # the peer reads nothing: it will time out on its side
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
 
     def _forget(self, identity: bytes) -> None:
         with self._cond:

@@ -30,7 +30,8 @@ def test_unique_token_count_counts_shared_prefix_once():
 
 def _with(tree, segments, leaves):
     return Tree.build(tree_id=tree.tree_id, prompt_id=tree.prompt_id, run_id=tree.run_id,
-                      prompt_token_ids=tree.prompt_token_ids, sampling=tree.sampling, segments=segments, leaves=leaves)
+                      prompt_token_ids=tree.prompt_token_ids, sampling=tree.sampling, segments=segments, leaves=leaves,
+                      prompt_text=tree.prompt_text, answer=tree.answer)
 
 
 def test_build_and_views_round_trip():
