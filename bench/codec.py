@@ -41,13 +41,16 @@ def realistic_tree(leaves: int = 16, seg: int = 512, depth: int = 8) -> Tree:
                 leaves=[Leaf(node_id=n, reward=1.0, stop_reason="finished", reward_details={"acc": 1.0}) for n in frontier])
 
 
-def timeit(fn, min_time: float = 1.0) -> float:
+def timeit(fn, repeats: int = 30, number: int = 50) -> float:
+    """Best per-call time over `repeats` batches of `number` calls (robust to a loaded machine)."""
     fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_time:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import version
 
+from launcher import keys
 from protocol.config import ConfigError, dump_config, load_config
 
 
@@ -30,6 +31,7 @@ def _config_run(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "config": ("validate a config; --dry-run prints the resolved config", _config_args, _config_run),
+    "keys": ("generate a CURVE key pair (Z85) for the security section", keys.add_arguments, keys.run),
 }
 
 

@@ -20,7 +20,11 @@ Timeouts (the learner never hangs on an actor): a send that cannot proceed for `
 or an actor that returns no credit for `send_timeout_s` mid-transfer, is a `WeightSendTimeout`:
 the actor is dropped (it rejoins with its next Heartbeat) and the error is kept in `failures`.
 `wait_delivered(version, timeout_s)` raises `WeightSendTimeout` unless every live actor (at least
-`min_peers`) holds `version` in time. Idle actors silent for `peer_timeout_s` are forgotten.
+`min_peers`) holds `version` in time. Idle actors silent for `peer_timeout_s` are forgotten. A
+credit from an actor the learner no longer knows is answered with Shutdown, which makes the actor
+drop its partial version and rejoin. Messages from one actor arrive in order, so once the learner
+has read an actor's Hello no credit of its abandoned transfer can follow: any unexpected Ack is a
+protocol error, answered with ErrorMsg, and the actor is dropped.
 
 Usage (rank 0 of the learner):
 
@@ -31,6 +35,7 @@ Usage (rank 0 of the learner):
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 import time
@@ -47,6 +52,8 @@ from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
 from protocol.security import secure_server, stop_authenticator
 from protocol.weight_layout import iter_chunks, plan_layout
+
+log = logging.getLogger(__name__)
 
 
 class WeightSendTimeout(TimeoutError):
@@ -199,7 +206,7 @@ class ZmqWeightPublisher(WeightPublisher):
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
-            raise
+            log.error("%s stopped: %r (raised again to the caller)", threading.current_thread().name, e)
         finally:
             self._sock.close()
             self._wake_rx.close()
@@ -247,9 +254,10 @@ class ZmqWeightPublisher(WeightPublisher):
                     self._cond.notify_all()
         elif isinstance(msg, Shutdown):
             self._forget(identity)
+        elif isinstance(msg, Ack) and peer is None:  # a credit from an actor dropped since: tell it to rejoin
+            self._send_nowait(identity, encode(Shutdown(sender="learner", reason="unknown actor: rejoin")))
         elif isinstance(msg, Ack):
-            if peer is not None:  # else: a credit from an actor dropped since; it rejoins with a Heartbeat
-                self._on_ack(peer, msg, now)
+            self._on_ack(peer, msg, now)
         else:
             self._fail(identity, ProtocolError("type", f"unexpected {type(msg).__name__} from an actor"),
                        reply=ErrorMsg(code="type", message=f"unexpected {type(msg).__name__}"))
@@ -257,15 +265,12 @@ class ZmqWeightPublisher(WeightPublisher):
     def _on_ack(self, peer: _Peer, ack: Ack, now: float) -> None:
         peer.last_seen = now
         snap = peer.transfer
-        version, _, index = ack.key.partition("/")
-        if snap is None or version != str(snap.version):
-            return  # a credit of a transfer this actor abandoned (it sent Hello since): stale, not an error
-        if not ack.ok:
+        if snap is not None and not ack.ok:
             self._fail(peer.identity, ProtocolError("refused", f"{peer.name} refused v{snap.version}: {ack.reason}"))
             return
-        if index != str(peer.acked) or peer.acked >= peer.sent:
-            self._fail(peer.identity, ProtocolError("malformed", f"{peer.name}: ack {ack.key!r}, expected "
-                                                    f"{snap.version}/{peer.acked}"),
+        if snap is None or ack.key != f"{snap.version}/{peer.acked}" or peer.acked >= peer.sent:
+            expected = f"{snap.version}/{peer.acked}" if snap is not None else "none"
+            self._fail(peer.identity, ProtocolError("malformed", f"{peer.name}: ack {ack.key!r}, expected {expected}"),
                        reply=ErrorMsg(code="malformed", message=f"unexpected ack {ack.key!r}"))
             return
         peer.acked += 1

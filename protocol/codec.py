@@ -4,10 +4,11 @@ Wire format (schema version SCHEMA_VERSION = (major, minor)):
 
     msgpack array [major, minor, type_name, body]
 
-`body` is a map of the message's fields; nested dataclasses are maps too. numpy arrays travel as
-msgpack ext type 1 whose payload is `<u8 dtype code><u8 ndim><u32 dim>*ndim` followed by the
-raw little-endian bytes: no per-element encoding, and decoding is a zero-copy view (read-only
-arrays). Nothing is ever pickled.
+`body` is a map of the message's fields; nested dataclasses are maps too. A (1-D) numpy array
+travels as the msgpack array `[dtype_code, bin]` where bin holds the raw little-endian bytes and
+dtype_code indexes `_DTYPES`: no per-element encoding, the encoder packs straight from the
+array's memory, and the decoder makes a zero-copy view (read-only arrays) where the schema
+expects an array of that dtype. Nothing is ever pickled.
 
 Decoding untrusted bytes raises only `ProtocolError`: unknown major version, unknown message
 type, malformed msgpack, a field of the wrong type or dtype, or a size over `Limits`. A minor
@@ -18,8 +19,6 @@ know, and fills the defaults of fields the sender did not have.
 from __future__ import annotations
 
 import dataclasses
-import math
-import struct
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from protocol.messages import MESSAGE_TYPES, WIRE_NAME
 from protocol.tree import SEGMENT_FINISHES, STOP_REASONS, Tree
 
 SCHEMA_VERSION = (1, 0)
-_ARRAY_EXT = 1
 _DTYPES = [np.dtype(t).newbyteorder("<") for t in
            ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "float16", "float32", "float64")]
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+_NUM_CODE = {dt.num: i for i, dt in enumerate(_DTYPES)}
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,13 @@ class Limits:
     max_str_bytes: int = 4 * 1024 * 1024
 
 
-def _pack_array(arr: np.ndarray) -> msgpack.ExtType:
-    dt = arr.dtype.newbyteorder("<")
-    code = _DTYPE_CODE.get(dt)
-    if code is None:
-        raise ProtocolError("dtype", f"cannot encode arrays of dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=dt)
-    head = struct.pack(f"<BB{arr.ndim}I", code, arr.ndim, *arr.shape)
-    return msgpack.ExtType(_ARRAY_EXT, b"".join((head, arr.data)))  # one copy
+def _pack_array(arr: np.ndarray) -> list:
+    code = _NUM_CODE.get(arr.dtype.num)
+    if code is None or arr.ndim != 1:
+        raise ProtocolError("dtype", f"cannot encode a {arr.ndim}-D {arr.dtype} array (1-D, dtypes {_DTYPES})")
+    if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=_DTYPES[code])
+    return [code, arr.data.cast("B")]
 
 
 def _default(obj: Any) -> Any:
@@ -70,20 +68,19 @@ def _default(obj: Any) -> Any:
     raise ProtocolError("type", f"cannot encode {type(obj).__name__}")
 
 
-def _ext_hook(code: int, data: bytes) -> np.ndarray:
-    if code != _ARRAY_EXT or len(data) < 2:
-        raise ProtocolError("malformed", f"unknown ext type {code}")
-    dcode, ndim = data[0], data[1]
-    if dcode >= len(_DTYPES):
-        raise ProtocolError("dtype", f"unknown dtype code {dcode}")
-    head = 2 + 4 * ndim
-    if len(data) < head:
-        raise ProtocolError("malformed", "truncated array header")
-    shape = struct.unpack_from(f"<{ndim}I", data, 2)
-    dt = _DTYPES[dcode]
-    if math.prod(shape) * dt.itemsize != len(data) - head:
-        raise ProtocolError("malformed", "array byte length does not match its shape")
-    return np.frombuffer(data, dtype=dt, offset=head).reshape(shape)
+def _array_decoder(dtype: np.dtype) -> Callable[[Any, Any], np.ndarray]:
+    want = _DTYPE_CODE[dtype.newbyteorder("<")]
+    itemsize = dtype.itemsize
+
+    def array(v: Any, where: Any) -> np.ndarray:
+        if type(v) is not list or len(v) != 2 or type(v[1]) is not bytes:
+            raise ProtocolError("type", f"{_loc(where)}: expected an array [dtype, bytes], got {_describe(v)}")
+        if v[0] != want or type(v[0]) is not int:
+            raise ProtocolError("dtype", f"{_loc(where)}: expected dtype {dtype}, got code {v[0]!r}")
+        if len(v[1]) % itemsize:
+            raise ProtocolError("malformed", f"{_loc(where)}: {len(v[1])} bytes is not a whole number of {dtype}")
+        return np.frombuffer(v[1], dtype=dtype)
+    return array
 
 
 def encode(msg: Any) -> bytes:
@@ -103,9 +100,9 @@ def decode(data: bytes, limits: Limits = Limits()) -> Any:
         raise ProtocolError("too_large", f"{len(data)} bytes > max_message_bytes={limits.max_message_bytes}")
     try:
         env = msgpack.unpackb(
-            data, ext_hook=_ext_hook, raw=False, strict_map_key=True, use_list=True,
+            data, raw=False, strict_map_key=True, use_list=True,
             max_str_len=limits.max_str_bytes, max_bin_len=limits.max_message_bytes,
-            max_ext_len=limits.max_message_bytes, max_array_len=4 * limits.max_nodes + 16,
+            max_ext_len=0, max_array_len=4 * limits.max_nodes + 16,
             max_map_len=4 * limits.max_nodes + 16,
         )
     except ProtocolError:
@@ -131,39 +128,33 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 @cache
-def _decoder(tp: Any) -> Callable[[Any, str], Any]:
+def _decoder(tp: Any) -> Callable[[Any, Any], Any]:
     """A validating converter for type `tp`, compiled once per type (decoding is on the hot path)."""
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
-        dtype = typing.get_args(tp)[1]
-
-        def array(v, where):
-            if type(v) is not np.ndarray or v.dtype != dtype or v.ndim != 1:
-                raise ProtocolError("dtype", f"{where}: expected a 1-D {dtype} array, got {_describe(v)}")
-            return v
-        return array
+        return _array_decoder(typing.get_args(tp)[1])
     if origin is list:
         item = _decoder(typing.get_args(tp)[0])
 
         def lst(v, where):
             if type(v) is not list:
-                raise ProtocolError("type", f"{where}: expected a list, got {_describe(v)}")
-            return [item(x, f"{where}[{i}]") for i, x in enumerate(v)]
+                raise ProtocolError("type", f"{_loc(where)}: expected a list, got {_describe(v)}")
+            return [item(x, (where, i)) for i, x in enumerate(v)]
         return lst
     if origin is dict:
         kt, vt = (_decoder(a) for a in typing.get_args(tp))
 
         def dct(v, where):
             if type(v) is not dict:
-                raise ProtocolError("type", f"{where}: expected a map, got {_describe(v)}")
-            return {kt(k, f"{where} key"): vt(x, f"{where}[{k!r}]") for k, x in v.items()}
+                raise ProtocolError("type", f"{_loc(where)}: expected a map, got {_describe(v)}")
+            return {kt(k, (where, "<key>")): vt(x, (where, k)) for k, x in v.items()}
         return dct
     if origin is typing.Literal:
         allowed = frozenset(typing.get_args(tp))
 
         def literal(v, where):
             if type(v) is not str or v not in allowed:
-                raise ProtocolError("type", f"{where}: {v!r} is not one of {sorted(allowed)}")
+                raise ProtocolError("type", f"{_loc(where)}: {v!r} is not one of {sorted(allowed)}")
             return v
         return literal
     if dataclasses.is_dataclass(tp):
@@ -175,24 +166,32 @@ def _decoder(tp: Any) -> Callable[[Any, str], Any]:
 
         def build(v, where):
             if type(v) is not dict:
-                raise ProtocolError("type", f"{where}: expected a map for {name}, got {_describe(v)}")
+                raise ProtocolError("type", f"{_loc(where)}: expected a map for {name}, got {_describe(v)}")
             if not required <= v.keys():
-                raise ProtocolError("type", f"{where}: missing field(s) {sorted(required - v.keys())}")
-            return tp(**{k: fields[k](x, f"{where}.{k}") for k, x in v.items() if k in fields})
+                raise ProtocolError("type", f"{_loc(where)}: missing field(s) {sorted(required - v.keys())}")
+            return tp(**{k: fields[k](x, (where, k)) for k, x in v.items() if k in fields})
         return build
     if tp is float:
         def number(v, where):
             if type(v) is not float and type(v) is not int:
-                raise ProtocolError("type", f"{where}: expected a number, got {_describe(v)}")
+                raise ProtocolError("type", f"{_loc(where)}: expected a number, got {_describe(v)}")
             return float(v)
         return number
     if tp in (int, str, bool, bytes):
         def scalar(v, where):
             if type(v) is not tp:
-                raise ProtocolError("type", f"{where}: expected {tp.__name__}, got {_describe(v)}")
+                raise ProtocolError("type", f"{_loc(where)}: expected {tp.__name__}, got {_describe(v)}")
             return v
         return scalar
     raise TypeError(f"protocol field type {tp} has no decoder")
+
+
+def _loc(where: Any) -> str:
+    """Render a location path: decoders pass (parent, key) pairs so nothing is formatted unless it fails."""
+    if not isinstance(where, tuple):
+        return str(where)
+    parent, key = where
+    return f"{_loc(parent)}.{key}" if isinstance(key, str) else f"{_loc(parent)}[{key}]"
 
 
 def _describe(v: Any) -> str:

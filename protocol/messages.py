@@ -100,6 +100,44 @@ class ErrorMsg:
     message: str
 
 
+@dataclass
+class PromptRequest:
+    """An actor asks the buffer for up to `n` prompts to grow trees for (one admission permit each).
+
+    Answered by `PromptGrant`. `policy_version` is the version of the weights the actor holds
+    (-1 = unknown): the buffer uses it to grant no more work than the learner can use within the
+    staleness bound.
+    """
+
+    actor_id: str
+    n: int = 1
+    policy_version: int = -1
+
+
+@dataclass
+class PromptLease:
+    """One prompt dealt to an actor. The actor grows its tree under `tree_id` (= the lease id) and
+    must heartbeat at least every `lease_seconds`, or the prompt goes back to the queue."""
+
+    tree_id: str
+    prompt_id: str
+    prompt: str
+    answer: str = ""
+    lease_seconds: float = 0.0
+
+
+@dataclass
+class PromptGrant:
+    """The buffer's answer to `PromptRequest`: the leases granted (possibly none) and, when fewer
+    than asked, why (`no_permit`: the staleness/back-pressure bound; `queue_empty`: no prompts)
+    and how long to wait before asking again."""
+
+    leases: list[PromptLease] = field(default_factory=list)
+    learner_version: int = -1
+    reason: str = ""
+    retry_after_s: float = 0.0
+
+
 # Wire names. Renaming one is a breaking (major) change of the schema.
 MESSAGE_TYPES: dict[str, type] = {
     "subtree": SubtreeMsg,
@@ -110,5 +148,7 @@ MESSAGE_TYPES: dict[str, type] = {
     "heartbeat": Heartbeat,
     "shutdown": Shutdown,
     "error": ErrorMsg,
+    "prompt_request": PromptRequest,
+    "prompt_grant": PromptGrant,
 }
 WIRE_NAME: dict[type, str] = {cls: name for name, cls in MESSAGE_TYPES.items()}

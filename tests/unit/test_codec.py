@@ -1,4 +1,3 @@
-import struct
 from pathlib import Path
 
 import msgpack
@@ -186,16 +185,27 @@ def test_bad_dtype_is_refused():
     with pytest.raises(ProtocolError) as e:
         decode(encode(msg))
     assert e.value.reason == "dtype"
-    ext = msgpack.ExtType(1, struct.pack("<BB", 99, 0))
-    with pytest.raises(ProtocolError):
-        decode(msgpack.packb([1, 0, "weight_chunk", {"version": 1, "index": 0, "data": ext}]))
-
-
-def test_array_length_mismatch_is_refused():
-    ext = msgpack.ExtType(1, struct.pack("<BBI", 5, 1, 10) + b"\0" * 8)  # claims 10 int32, has 2
+    wire = encode(example_subtree_msg())
+    body = msgpack.unpackb(wire)
+    body[3]["tree"]["tokens"][0] = 99
     with pytest.raises(ProtocolError) as e:
-        decode(msgpack.packb([1, 0, "weight_chunk", {"version": 1, "index": 0, "data": ext}]))
+        decode(msgpack.packb(body))
+    assert e.value.reason == "dtype"
+
+
+def test_array_of_partial_items_is_refused():
+    body = msgpack.unpackb(encode(example_subtree_msg()))
+    body[3]["tree"]["tokens"][1] += b"\0"  # 1 byte more than a whole number of int32
+    with pytest.raises(ProtocolError) as e:
+        decode(msgpack.packb(body))
     assert e.value.reason == "malformed"
+
+
+def test_two_dimensional_arrays_are_not_encoded():
+    msg = example_subtree_msg()
+    msg.tree.tokens = msg.tree.tokens.reshape(2, -1)
+    with pytest.raises(ProtocolError):
+        encode(msg)
 
 
 def test_limits_are_enforced():

@@ -1,0 +1,14 @@
+# The two commands a newcomer needs: `make train` (set up, then the main job) and `make test`.
+.PHONY: setup test lint bench-codec
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	.venv/bin/ruff check .
+
+bench-codec: setup
+	.venv/bin/python bench/codec.py

@@ -1,0 +1,193 @@
+"""Actor side of the weight push: receive policy versions off the hot path, hand over only the newest.
+
+A background thread owns a DEALER connected to the learner's weight ROUTER (protocol in
+`learner/weight_push.py`): it says Hello, assembles each version's chunks into one flat buffer
+(acknowledging each chunk, which is the learner's credit to send the next), and when a version is
+complete builds its state dict as zero-copy views of that buffer (`protocol.weight_layout`). The
+tree sampler calls `poll_latest()` between two tree steps: it returns the newest complete version
+not yet taken, or None, and never blocks. A version that arrives before the previous one was
+taken replaces it (an actor applies only the newest). While idle the thread sends a Heartbeat with
+the version it holds every `heartbeat_s` (this also rejoins a restarted learner); a transfer that
+brings no chunk for `stall_timeout_s`, or a Shutdown from the learner, drops the partial version
+and the actor asks again. A malformed or foreign message, or a refusal from the learner,
+stops the thread; `poll_latest()` then raises `WeightReceiveError` with the cause chained.
+
+Usage (in the actor loop):
+
+    sub = ZmqWeightSubscriber(WeightsConfig(address="tcp://learner:5556"), actor_id="actor-0", security=sec)
+    ...
+    got = sub.poll_latest()
+    if got is not None:
+        version, state_dict = got   # apply (engine reload), then tag new segments with `version`
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import torch
+import zmq
+
+from protocol.codec import Limits, decode, encode
+from protocol.config.transport import SecurityConfig
+from protocol.config.weights import WeightsConfig
+from protocol.errors import ProtocolError
+from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
+from protocol.security import secure_client
+from protocol.weight_layout import check_header, unflatten
+
+log = logging.getLogger(__name__)
+
+
+class WeightReceiveError(RuntimeError):
+    """The receiving thread stopped on an error (cause chained): bad message, refusal, or a bug."""
+
+
+class WeightSubscriber(ABC):
+    """Receives policy versions in the background; the actor takes the newest between two tree steps."""
+
+    @abstractmethod
+    def poll_latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The newest complete version not yet taken, as (version, state_dict), or None; never blocks."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving and release the socket."""
+
+    def __enter__(self) -> WeightSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ZmqWeightSubscriber(WeightSubscriber):
+    """DEALER-based receiver of `learner.weight_push.ZmqWeightPublisher`."""
+
+    def __init__(self, cfg: WeightsConfig, actor_id: str, security: SecurityConfig | None = None,
+                 have_version: int = -1, run_id: str = "", limits: Limits | None = None):
+        self.cfg, self.actor_id, self.run_id = cfg, actor_id, run_id
+        self.limits = limits or Limits()
+        self.have = have_version
+        self.versions_received: list[int] = []  # every version assembled, in order
+        self.stale_chunks = 0  # chunks of an abandoned transfer, ignored
+        self.assemble_s = 0.0  # time to build the last version's state dict once its last chunk arrived
+        self._lock = threading.Lock()
+        self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        secure_client(self._sock, security or SecurityConfig())
+        self._sock.connect(cfg.address)
+        self._header: WeightHeader | None = None
+        self._flat = bytearray()
+        self._filled = 0
+        self._next_index = 0
+        self._last_sent = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"weight-receiver-{actor_id}", daemon=True)
+        self._thread.start()
+
+    def poll_latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        with self._lock:
+            if self._error is not None:
+                raise WeightReceiveError(f"{self.actor_id}: weight receiver stopped") from self._error
+            got, self._latest = self._latest, None
+        return got
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._ctx.term()
+
+    # --- background thread (sole user of the DEALER socket) ----------------------------------------
+    def _run(self) -> None:
+        try:
+            self._receive()
+        except BaseException as e:
+            with self._lock:
+                self._error = e
+            log.error("%s stopped: %r (raised again to the caller)", threading.current_thread().name, e)
+        finally:
+            self._sock.close()
+
+    def _receive(self) -> None:
+        self._send(Hello(sender=self.actor_id, role="actor", pid=os.getpid(), host=socket.gethostname(),
+                         policy_version=self.have))
+        last_recv = time.monotonic()
+        tick_ms = int(min(self.cfg.heartbeat_s, self.cfg.stall_timeout_s) * 500)
+        while not self._stop.is_set():
+            if self._sock.poll(tick_ms):
+                while self._sock.poll(0):
+                    self._on_message(decode(self._sock.recv(copy=False).buffer, self.limits))
+                last_recv = time.monotonic()
+            now = time.monotonic()
+            if self._header is not None and now - last_recv > self.cfg.stall_timeout_s:
+                self._header, self._flat = None, bytearray()  # the learner went quiet mid-transfer: ask again
+                self._send(Hello(sender=self.actor_id, role="actor", policy_version=self.have))
+                last_recv = now
+            elif self._header is None and now - self._last_sent > self.cfg.heartbeat_s:
+                self._send(Heartbeat(sender=self.actor_id, policy_version=self.have, unix_time=time.time()))
+        self._send(Shutdown(sender=self.actor_id, reason="closed"))
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, WeightChunk):
+            self._on_chunk(msg)
+        elif isinstance(msg, WeightHeader):
+            check_header(msg)
+            if self.run_id and msg.run_id != self.run_id:
+                raise ProtocolError("run_id", f"weights of run {msg.run_id!r}, this actor is in run {self.run_id!r}")
+            if msg.version <= self.have:
+                raise ProtocolError("version", f"offered v{msg.version}, this actor already holds v{self.have}")
+            self._header, self._flat, self._filled, self._next_index = msg, bytearray(msg.total_bytes), 0, 0
+            if msg.n_chunks == 0:
+                self._finish()
+        elif isinstance(msg, Shutdown):  # the learner left, or forgot us: drop any partial version, rejoin
+            self._header, self._flat = None, bytearray()
+            self._last_sent = 0.0
+        elif isinstance(msg, ErrorMsg):
+            raise ProtocolError(msg.code, f"the learner refused this actor: {msg.message}")
+        else:
+            raise ProtocolError("type", f"unexpected {type(msg).__name__} on the weight socket")
+
+    def _on_chunk(self, chunk: WeightChunk) -> None:
+        header = self._header
+        if header is None or chunk.version != header.version:
+            self.stale_chunks += 1  # still in flight from a transfer this actor abandoned
+            return
+        end = self._filled + len(chunk.data)
+        if chunk.index != self._next_index or end > header.total_bytes:
+            raise ProtocolError("malformed", f"v{header.version}: chunk {chunk.index} ({len(chunk.data)} B) "
+                                f"where chunk {self._next_index} at byte {self._filled} was due")
+        memoryview(self._flat)[self._filled:end] = chunk.data
+        self._filled, self._next_index = end, self._next_index + 1
+        if self._next_index == header.n_chunks:
+            if end != header.total_bytes:
+                raise ProtocolError("malformed", f"v{header.version}: {end} of {header.total_bytes} bytes in all chunks")
+            self._finish()
+        self._send(Ack(key=f"{chunk.version}/{chunk.index}"))
+
+    def _finish(self) -> None:
+        header, t0 = self._header, time.perf_counter()
+        state_dict = unflatten(header, self._flat)
+        self.assemble_s = time.perf_counter() - t0
+        with self._lock:
+            self._latest = (header.version, state_dict)
+        self.have = header.version
+        self.versions_received.append(header.version)
+        self._header, self._flat = None, bytearray()
+
+    def _send(self, msg: object) -> None:
+        """Send without blocking; when the learner is unreachable so long that the queue is full, skip it:
+        every message here is either repeated (Heartbeat, Hello) or moot once the learner is gone (Ack)."""
+        self._last_sent = time.monotonic()
+        try:
+            self._sock.send(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return

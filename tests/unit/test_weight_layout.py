@@ -1,0 +1,84 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from protocol.errors import ProtocolError
+from protocol.messages import TensorMeta, WeightHeader
+from protocol.weight_layout import check_header, iter_chunks, plan_layout, unflatten
+
+
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "embed": torch.randn(37, 16, generator=g).to(torch.bfloat16),
+        "w": torch.randn(16, 16, generator=g),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "ids": torch.arange(5, dtype=torch.int32),
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(3, generator=g).to(torch.float16),
+        "empty": torch.zeros(0, 7),
+    }
+
+
+def flat_of(sd, chunk_bytes):
+    metas, total = plan_layout(sd)
+    chunks = [bytes(c) for c in iter_chunks(sd, metas, total, chunk_bytes)]
+    assert all(len(c) == chunk_bytes for c in chunks[:-1])
+    return metas, total, b"".join(chunks)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 10_000])
+def test_flat_buffer_round_trips_exactly(chunk_bytes):
+    sd = mixed_state_dict()
+    metas, total, flat = flat_of(sd, chunk_bytes)
+    assert len(flat) == total == sum(t.numel() * t.element_size() for t in sd.values())
+    header = WeightHeader(run_id="r", version=1, tensors=metas, total_bytes=total, n_chunks=1)
+    check_header(header)
+    out = unflatten(header, bytearray(flat))
+    assert list(out) == list(sd)  # the state dict's order
+    for k, t in sd.items():
+        assert out[k].dtype == t.dtype and out[k].shape == t.shape and torch.equal(out[k], t), k
+
+
+def test_layout_matches_safetensors_bytes_and_dtype_names():
+    sd = mixed_state_dict()
+    metas, _, flat = flat_of(sd, 1000)
+    blob = save(sd)
+    (n,) = struct.unpack_from("<Q", blob)
+    st_header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    for m in metas:
+        ref = st_header[m.name]
+        assert m.dtype == ref["dtype"] and m.shape == ref["shape"]
+        begin, end = ref["data_offsets"]
+        assert flat[m.offset:m.offset + m.nbytes] == data[begin:end], m.name
+
+
+def test_offsets_are_aligned_and_hole_free():
+    metas, total = plan_layout(mixed_state_dict())
+    sizes = {"F64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "BOOL": 1}
+    assert all(m.offset % sizes[m.dtype] == 0 for m in metas)
+    spans = sorted((m.offset, m.offset + m.nbytes) for m in metas)
+    assert spans[0][0] == 0 and spans[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def header(*tensors, total):
+    return WeightHeader(run_id="r", version=3, tensors=list(tensors), total_bytes=total, n_chunks=1)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (header(TensorMeta("a", "F32", [2], 0, 8), TensorMeta("b", "F32", [2], 4, 8), total=12), "overlap"),
+    (header(TensorMeta("a", "F32", [2], 0, 8), TensorMeta("b", "F32", [1], 12, 4), total=16), "hole"),
+    (header(TensorMeta("a", "F32", [3], 0, 8), total=8), "shape"),
+    (header(TensorMeta("a", "Q4", [2], 0, 2), total=2), "dtype"),
+    (header(TensorMeta("a", "F32", [2], 0, 8), total=16), "cover"),
+    (header(TensorMeta("a", "BF16", [1], 0, 2), TensorMeta("b", "F32", [1], 2, 4), total=6), "aligned"),
+    (header(TensorMeta("a", "F32", [1], 0, 4), TensorMeta("a", "F32", [1], 4, 4), total=8), "duplicate"),
+])
+def test_bad_headers_are_refused(bad, match):
+    with pytest.raises(ProtocolError, match=match):
+        check_header(bad)

@@ -1,0 +1,197 @@
+import time
+
+import pytest
+import torch
+import zmq
+
+from actors.weight_receiver import WeightReceiveError, ZmqWeightSubscriber
+from learner.weight_push import WeightSendTimeout, ZmqWeightPublisher, send_or_timeout
+from protocol.codec import decode, encode
+from protocol.config.weights import WeightsConfig
+from protocol.messages import Ack, ErrorMsg, Hello, Shutdown, WeightChunk, WeightHeader
+
+
+def small_model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
+        "layers.0.mlp.weight": torch.randn(32, 96, generator=g),
+        "layers.0.norm.weight": torch.randn(32, generator=g).to(torch.bfloat16),
+        "lm_head.bias": torch.randn(64, generator=g),
+    }
+
+
+def wait_until(cond, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def publisher():
+    pubs = []
+
+    def make(**kw):
+        pub = ZmqWeightPublisher(WeightsConfig(address="tcp://127.0.0.1:*", **kw), run_id="run")
+        pubs.append(pub)
+        return pub
+
+    yield make
+    for p in pubs:
+        p.close()
+
+
+class RawActor:
+    """A hand-driven actor that speaks the wire protocol, to observe exactly what the learner sends."""
+
+    def __init__(self, address: str, name: str = "raw"):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(address)
+        self.name = name
+
+    def send(self, msg):
+        self.sock.send(encode(msg))
+
+    def recv(self, timeout_ms=2000):
+        if not self.sock.poll(timeout_ms):
+            return None
+        return decode(self.sock.recv())
+
+    def close(self):
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_round_trip_bf16_and_f32_is_exact(publisher):
+    sd = small_model()
+    pub = publisher(chunk_bytes=1000, window=3)  # tensors span chunks
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "a0", run_id="run") as sub:
+        pub.publish(7, sd)
+        pub.wait_delivered(7, timeout_s=5)
+        version, got = sub.poll_latest()
+        assert version == 7 and list(got) == list(sd)
+        for k, t in sd.items():
+            assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+        assert sub.poll_latest() is None
+        assert pub.peers() == {"a0": 7} and not pub.failures
+
+
+def test_slow_actor_gets_the_version_in_flight_then_only_the_newest(publisher):
+    pub = publisher(chunk_bytes=1000, window=2)
+    pub.publish(1, small_model(1))
+    actor = RawActor(pub.address)
+    actor.send(Hello(sender="slow", role="actor", policy_version=-1))
+    header = actor.recv()
+    assert isinstance(header, WeightHeader) and header.version == 1 and header.n_chunks > 4
+    held = [actor.recv(), actor.recv()]
+    assert all(isinstance(c, WeightChunk) and c.version == 1 for c in held)
+    assert actor.recv(timeout_ms=300) is None  # credit window: nothing more until it acknowledges
+    for v in (2, 3, 4):  # the learner moves on while this actor is slow
+        pub.publish(v, small_model(v))
+    for i in range(header.n_chunks):  # finish v1, one credit at a time
+        chunk = held.pop(0) if held else actor.recv()
+        assert isinstance(chunk, WeightChunk) and (chunk.version, chunk.index) == (1, i)
+        actor.send(Ack(key=f"1/{i}"))
+    nxt = actor.recv()
+    assert isinstance(nxt, WeightHeader) and nxt.version == 4  # 2 and 3 were skipped
+    for i in range(nxt.n_chunks):
+        chunk = actor.recv()
+        assert (chunk.version, chunk.index) == (4, i)
+        actor.send(Ack(key=f"4/{i}"))
+    assert actor.recv(timeout_ms=300) is None
+    wait_until(lambda: pub.peers() == {"slow": 4})
+    actor.close()
+
+
+def test_subscriber_only_ever_hands_over_the_newest(publisher):
+    pub = publisher(chunk_bytes=500)
+    for v in (1, 2, 3):
+        pub.publish(v, small_model(v))
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "late") as sub:
+        pub.wait_delivered(3, timeout_s=5)
+        assert sub.versions_received == [3]
+        for v in (4, 5, 6):  # published while the actor does not poll (mid tree step)
+            pub.publish(v, small_model(v))
+        pub.wait_delivered(6, timeout_s=5)
+        version, got = sub.poll_latest()
+        assert version == 6 and torch.equal(got["embed.weight"], small_model(6)["embed.weight"])
+        assert sub.poll_latest() is None
+        received = sub.versions_received
+        assert received[0] == 3 and received[-1] == 6 and received == sorted(set(received))
+
+
+def test_socket_send_times_out_with_a_typed_error():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.router_mandatory = True
+    router.sndhwm = 1
+    router.sndtimeo = 200
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.rcvhwm = 1
+    dealer.linger = 0
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    dealer.send(b"hi")
+    identity, _ = router.recv_multipart()
+    t0 = time.monotonic()
+    with pytest.raises(WeightSendTimeout, match="blocked"):
+        for _ in range(1000):  # the dealer never reads: the kernel buffers fill, then the HWM
+            send_or_timeout(router, [identity, bytes(1 << 20)], "test")
+    assert time.monotonic() - t0 < 10
+    router.close()
+    dealer.close()
+    ctx.term()
+
+
+def test_actor_that_stops_acknowledging_times_out_and_is_dropped(publisher):
+    pub = publisher(chunk_bytes=1000, window=2, send_timeout_s=0.3)
+    actor = RawActor(pub.address)
+    actor.send(Hello(sender="stuck", role="actor", policy_version=-1))
+    wait_until(lambda: pub.peers() == {"stuck": -1})
+    pub.publish(1, small_model())
+    with pytest.raises(WeightSendTimeout, match="behind"):
+        pub.wait_delivered(1, timeout_s=1.0)
+    assert pub.peers() == {}
+    assert any(isinstance(f, WeightSendTimeout) and "no credit" in str(f) for f in pub.failures)
+    # a late credit from the dropped actor is answered with Shutdown: drop the partial version, rejoin
+    while isinstance(actor.recv(timeout_ms=100), WeightHeader | WeightChunk):
+        pass
+    actor.send(Ack(key="1/0"))
+    assert isinstance(actor.recv(), Shutdown)
+    actor.close()
+
+
+def test_a_malformed_message_is_refused_and_the_publisher_goes_on(publisher):
+    pub = publisher()
+    bad = RawActor(pub.address)
+    bad.sock.send(b"\x93not msgpack")
+    reply = bad.recv()
+    assert isinstance(reply, ErrorMsg) and reply.code == "malformed"
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "good") as sub:
+        pub.publish(1, small_model())
+        pub.wait_delivered(1, timeout_s=5)
+        assert sub.poll_latest()[0] == 1
+    bad.close()
+
+
+def test_subscriber_surfaces_a_foreign_run(publisher):
+    pub = publisher()
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "a0", run_id="other-run") as sub:
+        pub.publish(1, small_model())
+        deadline = time.monotonic() + 5
+        with pytest.raises(WeightReceiveError) as e:
+            while time.monotonic() < deadline:
+                sub.poll_latest()
+                time.sleep(0.01)
+        assert "other-run" in str(e.value.__cause__)
+
+
+def test_versions_must_increase(publisher):
+    pub = publisher()
+    pub.publish(2, small_model())
+    with pytest.raises(ValueError, match="not newer"):
+        pub.publish(2, small_model())
