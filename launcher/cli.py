@@ -11,6 +11,10 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import version
 
+from buffer import export as buffer_export
+from buffer import replay as buffer_replay
+from buffer import service as buffer_service
+from buffer import tree_view as buffer_tree_view
 from launcher import keys
 from protocol.config import ConfigError, dump_config, load_config
 
@@ -32,6 +36,13 @@ def _config_run(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "config": ("validate a config; --dry-run prints the resolved config", _config_args, _config_run),
     "keys": ("generate a CURVE key pair (Z85) for the security section", keys.add_arguments, keys.run),
+    "buffer": ("run the buffer service (ZeroMQ ingest -> Redis tree store)", buffer_service.add_arguments,
+               buffer_service.run),
+    "replay": ("feed stored trees (by run, version range) to a summary or another run's learner stream",
+               buffer_replay.add_arguments, buffer_replay.run),
+    "export": ("write stored trees as one row per leaf (JSONL or Parquet)", buffer_export.add_arguments,
+               buffer_export.run),
+    "inspect": ("print a stored tree as an indented view", buffer_tree_view.add_arguments, buffer_tree_view.run),
 }
 
 

@@ -4,7 +4,10 @@ Actors -> buffer: `SubtreeMsg` (a piece of a tree, keyed for idempotent at-least
 answered by `Ack`. Learner -> actors: `WeightHeader` then `WeightChunk`s of one policy version
 (safetensors layout: the header lists each tensor's dtype, shape and byte range in one flat
 buffer that the chunks carry in order). Control: `Hello`, `Heartbeat`, `Shutdown`; `ErrorMsg`
-tells a peer why its message was refused.
+tells a peer why its message was refused. Actors -> buffer: `PromptRequest`, answered by
+`PromptGrant` (prompt leases, which are also the admission permits); an actor's `Heartbeat`
+keeps its leases alive. The buffer answers a piece it cannot take yet with
+`Ack(ok=False, reason="backpressure")`: the actor keeps it and re-sends later.
 """
 
 from __future__ import annotations

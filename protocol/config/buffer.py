@@ -21,3 +21,12 @@ class BufferConfig(Section):
     retention_keep: int = Field(10_000, gt=0, description="Trees kept with retention=keep_last.")
     lease_seconds: float = Field(120.0, gt=0, description="A prompt lease expires this long after the last heartbeat.")
     resend_timeout_s: float = Field(5.0, gt=0, description="Actors re-send an unacknowledged subtree after this.")
+    backpressure_wait_s: float = Field(0.2, gt=0, description="An actor told to wait (buffer full, no permit) "
+                                       "asks again after this.")
+    max_unacked_pieces: int = Field(64, gt=0, description="An actor sends at most this many pieces ahead of "
+                                    "their acks, then waits.")
+    claim_idle_s: float = Field(30.0, ge=0, description="The learner takes over trees another (dead) consumer "
+                                "read but did not acknowledge for this long.")
+    tombstone_seconds: float = Field(86_400.0, gt=0, description="How long the id of a trimmed or expired tree "
+                                     "keeps refusing re-sent pieces (so a late duplicate cannot re-create it).")
+    max_batch_messages: int = Field(256, gt=0, description="Messages the service reads before one Redis round trip.")

