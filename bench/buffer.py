@@ -130,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as server:
         cfg = PipelineConfig.model_validate({
             "run": {"run_id": "bench", "output_dir": tmp},
-            "buffer": {"ingest_address": f"tcp://127.0.0.1:{free_port()}", "redis_url": server.url,
+            "buffer": {"prompt_feed": False, "ingest_address": f"tcp://127.0.0.1:{free_port()}", "redis_url": server.url,
                        "retention": "trim", "max_unconsumed_trees": 256},
         })
         cfg_path = Path(tmp) / "buffer.yaml"

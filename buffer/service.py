@@ -28,6 +28,7 @@ import redis
 import zmq
 
 from buffer.admission import permits
+from buffer.prompt_feed import PromptFeed
 from buffer.redis_server import connect
 from buffer.store import TreeStore, min_version
 from protocol.codec import decode, encode
@@ -97,6 +98,9 @@ class BufferService:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.drop_log = _DropLog()
         self._next_reap = 0.0
+        # keep enough prompts queued for every permit the admission bound can grant
+        self.feed = (PromptFeed(self.store, cfg.prompts, low_water=cfg.learner.prompts_per_step * (cfg.buffer.max_staleness + 2))
+                     if cfg.buffer.prompt_feed else None)
 
     # ------------------------------------------------------------------------------------ loop
     def serve(self, stop: threading.Event) -> None:
@@ -118,6 +122,8 @@ class BufferService:
         now = time.time()
         if now >= self._next_reap:
             self._reap(now)
+            if self.feed:
+                self.feed.top_up()
             self._next_reap = now + min(1.0, self.cfg.buffer.lease_seconds / 4)
         return len(batch)
 

@@ -30,3 +30,5 @@ class BufferConfig(Section):
     tombstone_seconds: float = Field(86_400.0, gt=0, description="How long the id of a trimmed or expired tree "
                                      "keeps refusing re-sent pieces (so a late duplicate cannot re-create it).")
     max_batch_messages: int = Field(256, gt=0, description="Messages the service reads before one Redis round trip.")
+    prompt_feed: bool = Field(True, description="The service keeps the prompt queue filled from the `prompts` "
+                              "section, epoch after epoch; off = prompts are queued by other means (tests, tools).")

@@ -23,6 +23,7 @@ from protocol.config.prompts import PromptsConfig
 from protocol.config.reward import RewardConfig
 from protocol.config.rollout import RolloutConfig
 from protocol.config.transport import LimitsConfig, SecurityConfig
+from protocol.config.weights import WeightsConfig
 
 ENV_PREFIX = "TREEPO_"
 
@@ -46,6 +47,7 @@ class PipelineConfig(Section):
     prompts: PromptsConfig = PromptsConfig()
     buffer: BufferConfig = BufferConfig()
     learner: LearnerConfig = LearnerConfig()
+    weights: WeightsConfig = WeightsConfig()
     security: SecurityConfig = SecurityConfig()
     limits: LimitsConfig = LimitsConfig()
 

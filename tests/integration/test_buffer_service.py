@@ -38,7 +38,7 @@ def make_config(redis_url: str, **buffer) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "run": {"run_id": "run"},
         "buffer": {"ingest_address": f"tcp://127.0.0.1:{free_port()}", "redis_url": redis_url,
-                   "resend_timeout_s": 0.5, "backpressure_wait_s": 0.05, **buffer},
+                   "resend_timeout_s": 0.5, "backpressure_wait_s": 0.05, "prompt_feed": False, **buffer},
         "learner": {"prompts_per_step": 2},
     })
 
