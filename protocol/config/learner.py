@@ -12,10 +12,13 @@ class LearnerConfig(Section):
     treepo_weighting: Literal["average", "group_size"] = Field(
         "average", description="TreePO: how subgroup advantages of a leaf's ancestors are combined (§1.5.2).")
     treepo_subtree_std_filter: bool = Field(False, description="TreePO: skip subgroups whose rewards have zero std.")
-    whiten: bool = Field(True, description="Token-level whitening of advantages over the batch (REINFORCE++).")
+    whiten: bool = Field(True, description="TreePO: token-level whitening of advantages over the batch "
+                         "(REINFORCE++; token-weighted mean, unbiased variance). GRPO and TreeRPO normalise per group.")
     treerpo_node_value: Literal["mean_children", "mean_leaves"] = Field(
         "mean_children", description="TreeRPO: node value = mean over children, or over descendant leaves.")
-    treerpo_norm: Literal["none", "group", "batch"] = Field("group", description="TreeRPO advantage normalisation.")
+    treerpo_norm: Literal["none", "group", "batch"] = Field(
+        "group", description="TreeRPO advantage normalisation: none = r - mean; group = / (sibling std + eps); "
+        "batch = / (std of all centred values of the batch + eps).")
     adv_eps: float = Field(1e-6, gt=0, description="epsilon of (r - mean) / (std + eps).")
     filter_uniform_prompts: bool = Field(True, description="Drop prompts whose leaves all have one reward (counted).")
     clip_low: float = Field(0.2, ge=0, description="PPO clip epsilon below 1.")
@@ -32,7 +35,8 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     prompts_per_step: int = Field(8, gt=0, description="Trees (prompts) per optimizer step.")
-    micro_batch_tokens: int = Field(8192, gt=0, description="Token budget of one micro-batch (packing).")
+    micro_batch_tokens: int = Field(8192, gt=0, description="Token budget of one micro-batch: rows x longest row "
+                                    "after padding; a longer single sequence is an error.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
     checkpoint_every: int = Field(50, gt=0, description="Save a checkpoint every N steps.")

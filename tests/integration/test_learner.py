@@ -1,0 +1,92 @@
+"""The DeepSpeed learner on the tiny model, one process (ZeRO-0, fp32, gloo): training moves log-probs the
+right way, metrics, the reference-model KL, and an export that transformers loads with identical logits."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from learner.engine import Learner
+from protocol.config.learner import LearnerConfig
+from tests.fixtures.learner import tree_from_edges, with_policy_logprobs, worked_example_tree
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_model_dir):
+    return Learner(LearnerConfig(lr=1e-3, warmup_steps=0, micro_batch_tokens=32), tiny_model_dir)
+
+
+def _segment_logprob(model, tree, leaf: int) -> float:
+    """Sum of log-probs of the leaf's own last segment under `model`."""
+    ids = torch.tensor(np.concatenate([tree.prompt_token_ids, tree.path_tokens(leaf)]), dtype=torch.long)[None]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(lp[-int(tree.seg_lens[tree.index[leaf]]):].sum())
+
+
+def test_steps_raise_positive_and_lower_negative_leaves(learner):
+    module = learner.engine.module
+    tree = with_policy_logprobs(worked_example_tree(seg_lens={n: 3 for n in range(1, 7)}), module)
+    flat = with_policy_logprobs(tree_from_edges({1: 0, 2: 0, 3: 0}, {1: 1.0, 2: -1.0, 3: -1.0}, tree_id="flat",
+                                                first_token=500), module)
+    before = {(t.tree_id, leaf): _segment_logprob(module, t, leaf) for t in (tree, flat) for leaf in t.leaf_ids.tolist()}
+    metrics = [learner.step([tree, flat]) for _ in range(3)]
+    after = {k: _segment_logprob(module, t, k[1]) for t in (tree, flat) for k in before if k[0] == t.tree_id}
+    # TreePO advantages before whitening: A1 1.25, A2 -0.75, B1/B2 -0.25; flat: 4/3, -2/3, -2/3 (whitening keeps signs)
+    up = {("t", 3), ("flat", 1)}
+    for key in before:
+        assert (after[key] > before[key]) == (key in up), key
+    first = metrics[0]
+    # behaviour = the current weights: importance weight 1, no clipping; rows 9,9,9 / 9,5,5 / 5 in <= 32 tokens
+    assert first["importance_weight"] == pytest.approx(1.0, abs=1e-5)
+    assert first["clip_frac_low"] == first["clip_frac_high"] == 0.0
+    assert first["trained_tokens"] == 4 * 6 + 3 * 2 and first["sequences"] == 7
+    assert first["micro_batches"] == 3 and first["grad_norm"] > 0 and first["lr"] == 1e-3
+    assert metrics[2]["step"] == metrics[2]["policy_version"] == 3
+    assert metrics[2]["importance_weight"] > 1.0  # the policy moved away from the behaviour log-probs
+
+
+def test_export_loads_in_transformers_with_identical_logits(learner, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = learner.export(tmp_path / "export")
+    assert (out / "model.safetensors").exists()
+    assert json.loads((out / "policy.json").read_text()) == {"step": learner.step_count,
+                                                             "policy_version": learner.policy_version}
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 100, 101, 102, 500]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, learner.engine.module(input_ids=ids).logits)
+    assert AutoTokenizer.from_pretrained(out).vocab_size > 0
+    pushed = learner.state_dict_for_push()
+    assert set(pushed) >= {k for k in loaded.state_dict() if k != "lm_head.weight"}
+
+
+def test_treerpo_with_reference_kl(tiny_model_dir):
+    cfg = LearnerConfig(estimator="treerpo", kl_coef=0.1, lr=1e-3, warmup_steps=2, micro_batch_tokens=64)
+    learner = Learner(cfg, tiny_model_dir)
+    tree = with_policy_logprobs(worked_example_tree(), learner.engine.module)
+    m1, m2 = learner.step([tree]), learner.step([tree])
+    assert m1["ref_kl"] == pytest.approx(0.0, abs=1e-9) and m2["ref_kl"] > 0
+    assert (m1["groups_kept"], m1["groups_dropped_zero_spread"]) == (2, 1)
+    assert m1["trained_tokens"] == 8  # segments 1..4, each once
+    assert (m1["lr"], m2["lr"]) == (5e-4, 1e-3)  # warm-up over 2 steps
+
+
+def test_zero3_gathers_full_weights_for_push_and_export(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    learner = Learner(LearnerConfig(zero_stage=3, lr=1e-3, warmup_steps=0, micro_batch_tokens=64), tiny_model_dir)
+    tree = with_policy_logprobs(worked_example_tree(), AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert learner.step([tree])["grad_norm"] > 0
+    pushed = learner.state_dict_for_push()
+    embed = pushed["model.embed_tokens.weight"]
+    assert embed.shape == (learner.engine.module.config.vocab_size, learner.engine.module.config.hidden_size)
+    loaded = AutoModelForCausalLM.from_pretrained(learner.export(tmp_path / "z3"), dtype=torch.float32)
+    assert torch.equal(loaded.state_dict()["model.embed_tokens.weight"], embed)
+    ids = torch.tensor([[1, 2, 3, 100, 101]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, learner.engine(input_ids=ids).logits, atol=1e-5)
