@@ -16,6 +16,12 @@ the actor next gets the newest of them. So each actor has at most one version in
 actor skips every version published while it was busy, and nothing queues up for it. A snapshot
 that is no longer the newest lives only while a transfer still streams it.
 
+Cost: `publish` only copies the state dict into one flat buffer (torch copies, without the GIL)
+and returns; the thread encodes each chunk (a codec message) when it first sends it, caches the
+frame for the other actors, and sends frames zero-copy. A later version refills a snapshot's
+memory once no transfer streams it and ZeroMQ has released its frames (message trackers), so
+steady-state publishing touches warm memory instead of page-faulting fresh buffers.
+
 Timeouts (the learner never hangs on an actor): a send that cannot proceed for `send_timeout_s`,
 or an actor that returns no credit for `send_timeout_s` mid-transfer, is a `WeightSendTimeout`:
 the actor is dropped (it rejoins with its next Heartbeat) and the error is kept in `failures`.
@@ -29,7 +35,7 @@ protocol error, answered with ErrorMsg, and the actor is dropped.
 Usage (rank 0 of the learner):
 
     pub = ZmqWeightPublisher(WeightsConfig(address="tcp://*:5556"), security_cfg, run_id="run")
-    pub.publish(step, model.state_dict())   # returns once the version is snapshotted
+    pub.publish(step, model.state_dict())   # returns once the version is copied (flat buffer)
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import zmq
 
@@ -51,7 +58,7 @@ from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
 from protocol.security import secure_server, stop_authenticator
-from protocol.weight_layout import iter_chunks, plan_layout
+from protocol.weight_layout import flatten_into, plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +93,51 @@ class WeightPublisher(ABC):
         self.close()
 
 
-def send_or_timeout(sock: zmq.Socket, frames: list[bytes], what: str) -> None:
-    """Send a multipart message, raising WeightSendTimeout when it cannot proceed within the socket's SNDTIMEO."""
+def send_or_timeout(sock: zmq.Socket, frames: list[bytes | memoryview], what: str,
+                    track: bool = False) -> zmq.MessageTracker | None:
+    """Send a multipart message (zero-copy), raising WeightSendTimeout when it cannot proceed within the
+    socket's SNDTIMEO; with `track`, the tracker tells when ZeroMQ no longer reads the last frame's memory."""
     try:
-        sock.send_multipart(frames, copy=False)
+        return sock.send_multipart(frames, copy=False, track=track)
     except zmq.Again:
         raise WeightSendTimeout(f"{what}: send blocked for {sock.sndtimeo} ms") from None
 
 
-@dataclass
+_ENVELOPE_MAX = 128  # bytes of a WeightChunk's msgpack envelope beyond its data (about 60)
+_SPARE_SNAPSHOTS = 2  # retired snapshots whose memory the next `publish` may refill
+
+
+@dataclass(eq=False)
 class _Snapshot:
+    """One version: its flat buffer, and the encoded chunk frames, made on first send and cached in `region`
+    (chunk i at i * stride) for the other actors. `trackers` tell when ZeroMQ has let go of those frames."""
+
     version: int
     header: bytes
-    chunks: list[bytes]
-    nbytes: int
+    n_chunks: int
+    chunk_bytes: int
+    flat: torch.Tensor
+    region: torch.Tensor
+    frames: dict[int, memoryview] = field(default_factory=dict)
+    trackers: list[zmq.MessageTracker] = field(default_factory=list)
+
+    def frame(self, index: int) -> memoryview:
+        """The encoded WeightChunk `index` (a view of `region`)."""
+        cached = self.frames.get(index)
+        if cached is not None:
+            return cached
+        data = memoryview(self.flat.numpy())[index * self.chunk_bytes:(index + 1) * self.chunk_bytes]
+        encoded = encode(WeightChunk(version=self.version, index=index, data=data))  # type: ignore[arg-type]
+        if len(encoded) > len(data) + _ENVELOPE_MAX:
+            raise AssertionError(f"a WeightChunk envelope of {len(encoded) - len(data)} B")
+        begin = index * (self.chunk_bytes + _ENVELOPE_MAX)
+        region = self.region.numpy()
+        region[begin:begin + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        self.frames[index] = memoryview(region[begin:begin + len(encoded)])
+        return self.frames[index]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Peer:
     identity: bytes
     name: str
@@ -136,6 +171,7 @@ class ZmqWeightPublisher(WeightPublisher):
         self._cond = threading.Condition()
         self._publish_lock = threading.Lock()
         self._latest: _Snapshot | None = None
+        self._retired: list[_Snapshot] = []  # earlier versions, newest first, for their memory
         self._peers: dict[bytes, _Peer] = {}
         self._stop = False
         self._error: BaseException | None = None
@@ -156,14 +192,30 @@ class ZmqWeightPublisher(WeightPublisher):
             if self._latest is not None and version <= self._latest.version:
                 raise ValueError(f"version {version} is not newer than the published {self._latest.version}")
         metas, total = plan_layout(state_dict)
-        n_chunks = math.ceil(total / self.cfg.chunk_bytes)
+        chunk_bytes = self.cfg.chunk_bytes
+        n_chunks = math.ceil(total / chunk_bytes)
         header = encode(WeightHeader(run_id=self.run_id, version=version, tensors=metas, total_bytes=total,
                                      n_chunks=n_chunks))
-        chunks = [encode(WeightChunk(version=version, index=i, data=data))  # type: ignore[arg-type]
-                  for i, data in enumerate(iter_chunks(state_dict, metas, total, self.cfg.chunk_bytes))]
+        flat, region = self._buffers(total, n_chunks * (chunk_bytes + _ENVELOPE_MAX))
+        flatten_into(state_dict, metas, flat)
+        snap = _Snapshot(version, header, n_chunks, chunk_bytes, flat, region)
         with self._cond:
-            self._latest = _Snapshot(version, header, chunks, total)
+            previous, self._latest = self._latest, snap
+            if previous is not None:
+                self._retired = [previous, *self._retired[:_SPARE_SNAPSHOTS - 1]]
             self._wake_tx.send(b"")
+
+    def _buffers(self, flat_bytes: int, region_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory for a snapshot: that of a retired version no transfer streams and ZeroMQ no longer reads,
+        else new. Refilling warm memory avoids first-touch page faults, which cost as much as the copies."""
+        with self._cond:
+            busy = {id(p.transfer) for p in self._peers.values()}
+            for i, old in enumerate(self._retired):
+                if (old.flat.numel() == flat_bytes and old.region.numel() == region_bytes and id(old) not in busy
+                        and all(t.done for t in old.trackers)):
+                    del self._retired[i]
+                    return old.flat, old.region
+        return torch.empty(flat_bytes, dtype=torch.uint8), torch.empty(region_bytes, dtype=torch.uint8)
 
     def wait_delivered(self, version: int, timeout_s: float, min_peers: int = 1) -> None:
         deadline = time.monotonic() + timeout_s
@@ -275,41 +327,51 @@ class ZmqWeightPublisher(WeightPublisher):
             return
         peer.acked += 1
         peer.last_progress = now
-        if peer.acked == len(snap.chunks):
+        if peer.acked == snap.n_chunks:
             self._complete(peer)
         else:
             self._pump(peer)
 
     def _service_peers(self) -> None:
         now = time.monotonic()
-        with self._cond:
+        starting = set()
+        with self._cond:  # a transfer is bound under the lock, so `_buffers` never refills a snapshot being started
             latest = self._latest
+            for peer in self._peers.values():
+                if (peer.transfer is None and latest is not None and latest.version > peer.have
+                        and now - peer.last_seen <= self.cfg.peer_timeout_s):
+                    peer.transfer, peer.sent, peer.acked, peer.last_progress = latest, 0, 0, now
+                    starting.add(id(peer))
         for peer in list(self._peers.values()):
-            if peer.transfer is None:
+            if id(peer) in starting:
+                self._start(peer)
+            elif peer.transfer is None:
                 if now - peer.last_seen > self.cfg.peer_timeout_s:
                     self._forget(peer.identity)
-                elif latest is not None and latest.version > peer.have:
-                    self._start(peer, latest, now)
             elif now - peer.last_progress > self.cfg.send_timeout_s:
                 self._fail(peer.identity, WeightSendTimeout(
                     f"{peer.name}: no credit for {self.cfg.send_timeout_s} s during v{peer.transfer.version} "
-                    f"(chunk {peer.acked}/{len(peer.transfer.chunks)})"))
+                    f"(chunk {peer.acked}/{peer.transfer.n_chunks})"))
+            else:
+                self._pump(peer)
 
-    def _start(self, peer: _Peer, snap: _Snapshot, now: float) -> None:
-        peer.transfer, peer.sent, peer.acked, peer.last_progress = snap, 0, 0, now
+    def _start(self, peer: _Peer) -> None:
+        snap = peer.transfer
         if self._send(peer, snap.header):
-            if snap.chunks:
+            if snap.n_chunks:
                 self._pump(peer)
             else:
                 self._complete(peer)
 
     def _pump(self, peer: _Peer) -> None:
         snap = peer.transfer
-        while snap is not None and peer.sent < len(snap.chunks) and peer.sent - peer.acked < self.cfg.window:
-            if not self._send(peer, snap.chunks[peer.sent]):
+        while snap is not None and peer.sent < snap.n_chunks and peer.sent - peer.acked < self.cfg.window:
+            frame = snap.frame(peer.sent)
+            if not self._send(peer, frame, snap.trackers):
                 return
             peer.sent += 1
-            self.bytes_sent += len(snap.chunks[peer.sent - 1])
+            peer.last_progress = time.monotonic()
+            self.bytes_sent += len(frame)
 
     def _complete(self, peer: _Peer) -> None:
         with self._cond:
@@ -318,10 +380,13 @@ class ZmqWeightPublisher(WeightPublisher):
             self.transfers_done += 1
             self._cond.notify_all()
 
-    def _send(self, peer: _Peer, frame: bytes) -> bool:
+    def _send(self, peer: _Peer, frame: bytes | memoryview, trackers: list | None = None) -> bool:
         """Send one frame to a peer; a timeout or a vanished peer drops it (and returns False)."""
         try:
-            send_or_timeout(self._sock, [peer.identity, frame], f"weights to {peer.name}")
+            tracker = send_or_timeout(self._sock, [peer.identity, frame], f"weights to {peer.name}",
+                                      track=trackers is not None)
+            if trackers is not None:
+                trackers.append(tracker)
         except WeightSendTimeout as e:
             self._fail(peer.identity, e)
             return False

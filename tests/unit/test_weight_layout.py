@@ -7,7 +7,7 @@ from safetensors.torch import save
 
 from protocol.errors import ProtocolError
 from protocol.messages import TensorMeta, WeightHeader
-from protocol.weight_layout import check_header, iter_chunks, plan_layout, unflatten
+from protocol.weight_layout import check_header, flatten_into, plan_layout, unflatten
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -23,21 +23,20 @@ def mixed_state_dict() -> dict[str, torch.Tensor]:
     }
 
 
-def flat_of(sd, chunk_bytes):
+def flat_of(sd):
     metas, total = plan_layout(sd)
-    chunks = [bytes(c) for c in iter_chunks(sd, metas, total, chunk_bytes)]
-    assert all(len(c) == chunk_bytes for c in chunks[:-1])
-    return metas, total, b"".join(chunks)
+    flat = torch.full((total,), 0xAB, dtype=torch.uint8)
+    flatten_into(sd, metas, flat)
+    return metas, total, flat.numpy().tobytes()
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 10_000])
-def test_flat_buffer_round_trips_exactly(chunk_bytes):
+def test_flat_buffer_round_trips_exactly():
     sd = mixed_state_dict()
-    metas, total, flat = flat_of(sd, chunk_bytes)
+    metas, total, flat = flat_of(sd)
     assert len(flat) == total == sum(t.numel() * t.element_size() for t in sd.values())
     header = WeightHeader(run_id="r", version=1, tensors=metas, total_bytes=total, n_chunks=1)
     check_header(header)
-    out = unflatten(header, bytearray(flat))
+    out = unflatten(header, torch.frombuffer(bytearray(flat), dtype=torch.uint8))
     assert list(out) == list(sd)  # the state dict's order
     for k, t in sd.items():
         assert out[k].dtype == t.dtype and out[k].shape == t.shape and torch.equal(out[k], t), k
@@ -45,7 +44,7 @@ def test_flat_buffer_round_trips_exactly(chunk_bytes):
 
 def test_layout_matches_safetensors_bytes_and_dtype_names():
     sd = mixed_state_dict()
-    metas, _, flat = flat_of(sd, 1000)
+    metas, _, flat = flat_of(sd)
     blob = save(sd)
     (n,) = struct.unpack_from("<Q", blob)
     st_header = json.loads(blob[8:8 + n])

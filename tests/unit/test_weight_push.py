@@ -65,9 +65,10 @@ class RawActor:
         self.ctx.term()
 
 
-def test_round_trip_bf16_and_f32_is_exact(publisher):
+@pytest.mark.parametrize("chunk_bytes", [333, 1000, 1 << 20])
+def test_round_trip_bf16_and_f32_is_exact(publisher, chunk_bytes):
     sd = small_model()
-    pub = publisher(chunk_bytes=1000, window=3)  # tensors span chunks
+    pub = publisher(chunk_bytes=chunk_bytes, window=3)  # chunks across tensors, inside them, and one for all
     with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "a0", run_id="run") as sub:
         pub.publish(7, sd)
         pub.wait_delivered(7, timeout_s=5)
@@ -195,3 +196,8 @@ def test_versions_must_increase(publisher):
     pub.publish(2, small_model())
     with pytest.raises(ValueError, match="not newer"):
         pub.publish(2, small_model())
+
+
+def test_weights_config_fields_are_documented():
+    for name, field in WeightsConfig.model_fields.items():
+        assert field.description, name
