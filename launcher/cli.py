@@ -1,30 +1,40 @@
-"""The `treepo` command: thin entry points that dispatch to each package's own main.
+"""The `treepo` command: thin entry points that dispatch to each role's own module.
 
-Subcommands register themselves in SUBCOMMANDS: (help, add_arguments, run). Each role's package
-owns its `run`; this file only wires them.
+SUBCOMMANDS maps a name to (help, module); the module has `add_arguments(parser)` and
+`run(args) -> exit code`. Only the chosen subcommand's module is imported, so `treepo --help`
+does not load torch, vLLM or DeepSpeed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 from importlib.metadata import version
 
-from buffer import export as buffer_export
-from buffer import replay as buffer_replay
-from buffer import service as buffer_service
-from buffer import tree_view as buffer_tree_view
-from launcher import keys
 from protocol.config import ConfigError, dump_config, load_config
 
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("run the whole pipeline on this machine: Redis, buffer, actors, learner", "launcher.up"),
+    "actor": ("run one actor: lease prompts, grow trees, stream them to the buffer", "actors.loop"),
+    "learner": ("run the learner: train on buffered trees, push weights, checkpoint", "learner.loop"),
+    "buffer": ("run the buffer service (ZeroMQ ingest -> Redis tree store)", "buffer.service"),
+    "replay": ("feed stored trees (by run, version range) to a summary or another run's learner stream",
+               "buffer.replay"),
+    "export": ("write stored trees as one row per leaf (JSONL or Parquet)", "buffer.export"),
+    "inspect": ("print a stored tree as an indented view", "buffer.tree_view"),
+    "keys": ("generate a CURVE key pair (Z85) for the security section", "launcher.keys"),
+    "config": ("validate a config; --dry-run prints the resolved config", "launcher.cli"),
+}
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+
+# this module is the `config` subcommand
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", help="YAML config file (defaults when omitted)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def _config_run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     if args.dry_run:
         print(dump_config(cfg), end="")
@@ -33,32 +43,23 @@ def _config_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "config": ("validate a config; --dry-run prints the resolved config", _config_args, _config_run),
-    "keys": ("generate a CURVE key pair (Z85) for the security section", keys.add_arguments, keys.run),
-    "buffer": ("run the buffer service (ZeroMQ ingest -> Redis tree store)", buffer_service.add_arguments,
-               buffer_service.run),
-    "replay": ("feed stored trees (by run, version range) to a summary or another run's learner stream",
-               buffer_replay.add_arguments, buffer_replay.run),
-    "export": ("write stored trees as one row per leaf (JSONL or Parquet)", buffer_export.add_arguments,
-               buffer_export.run),
-    "inspect": ("print a stored tree as an indented view", buffer_tree_view.add_arguments, buffer_tree_view.run),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="treepo", description="Tree-structured RL post-training (TreePO/TreeRPO/GRPO).")
     parser.add_argument("--version", action="version", version=f"treepo {version('treepo')}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_, add_args, run) in SUBCOMMANDS.items():
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (help_, module_name) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_)
-        add_args(p)
-        p.set_defaults(_run=run)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args._run(args)
     except ConfigError as e:

@@ -14,4 +14,7 @@ class EngineConfig(Section):
     max_model_len: int = Field(2048, gt=0, description="Longest prompt + response the engine accepts.")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of GPU memory.")
+    block_size: int = Field(0, ge=0, description="vLLM KV-cache block size in tokens; prefix-cache hits come in "
+                            "whole blocks (0 = vLLM's default: 128 on CPU, 16 on GPU). Smaller blocks cache more of "
+                            "a tree's shared prefixes.")
     enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from protocol.config.base import Section
 from protocol.config.buffer import BufferConfig
@@ -35,10 +35,15 @@ class RunConfig(Section):
     schedule: Literal["async", "sync"] = Field(
         "async", description="async: generation and training overlap; sync: generate a batch, then train on it.")
     actors: int = Field(1, ge=0, description="Actor processes `treepo up` starts.")
+    learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks `treepo up` starts for the learner (torchrun "
+                               "when > 1); each rank trains on its share of every batch.")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
 
 
 class PipelineConfig(Section):
+    """Every section of the pipeline. `run.schedule: sync` implies `buffer.max_staleness: 0`: the buffer
+    then admits new prompts only for actors holding the learner's current weights."""
+
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
@@ -50,6 +55,12 @@ class PipelineConfig(Section):
     weights: WeightsConfig = WeightsConfig()
     security: SecurityConfig = SecurityConfig()
     limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _sync_means_no_staleness(self):
+        if self.run.schedule == "sync":
+            self.buffer.max_staleness = 0
+        return self
 
 
 class ConfigError(ValueError):

@@ -27,6 +27,8 @@ class RolloutConfig(Section):
         "constant", description="Schedule of tau from spread_temperature_max to spread_temperature (descending) "
         "or back, over learner steps.")
     spread_temperature_max: float = Field(5.0, gt=0, description="tau_max of the schedule.")
+    spread_temperature_steps: int = Field(100, gt=0, description="Learner steps (policy versions) the tau "
+                                          "schedule spans; tau stays at its end value afterwards.")
     finish_rule: Literal["boxed_and_eos_first", "boxed_as_eos"] = Field(
         "boxed_and_eos_first", description="What ends a path as 'finished': a \\boxed{} answer and EOS in the "
         "same segment, or the boxed answer alone.")
@@ -45,6 +47,8 @@ class RolloutConfig(Section):
     treerpo_children: int = Field(2, gt=0, description="TreeRPO N: children of every node.")
     treerpo_depth: int = Field(3, gt=0, description="TreeRPO D: max depth; the last step may run to the length cap.")
     treerpo_step_tokens: int = Field(128, gt=0, description="TreeRPO L_step: max tokens per step.")
+    treerpo_max_tokens: int = Field(0, ge=0, description="TreeRPO response cap; the last step runs up to it "
+                                    "(0 = treerpo_depth * treerpo_step_tokens).")
     prompts_per_step: int = Field(8, gt=0, description="Prompts an actor grows at once (one engine call per step carries all their paths).")
 
     @model_validator(mode="after")

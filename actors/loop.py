@@ -1,0 +1,139 @@
+"""The actor process: lease prompts from the buffer, grow their trees, stream the pieces, apply new
+weights between two tree steps, heartbeat. `treepo actor` runs it.
+
+Loop: ask the buffer for up to `rollout.prompts_per_step` prompt leases (its admission bound may
+grant fewer, or none: then wait `retry_after_s`, still taking new weights); grow one tree per
+lease with the configured sampler (one batched engine call per tree step across all of them);
+send each finished piece (`SubtreeMsg`, re-sent until acknowledged) as soon as the sampler yields
+it. Before every engine call the actor applies the newest weights the learner pushed (assembled
+off the hot path by the subscriber's thread), so segments generated after the swap carry the new
+policy version; it also renews its leases and reads the buffer's acks there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from actors.engine import Engine
+from actors.prompts import PromptItem, raw_rows, render
+from actors.reward import RewardScorer
+from actors.samplers import make_sampler
+from actors.weight_receiver import ZmqWeightSubscriber
+from buffer.client import BufferClient
+from learner.metrics_sink import MetricsSink
+from models import materialise_model
+from protocol.config.pipeline import PipelineConfig, load_config
+from protocol.messages import PromptLease
+
+log = logging.getLogger("treepo.actor")
+
+
+def make_engine(cfg: PipelineConfig, model_dir: Path) -> Engine:
+    if cfg.engine.kind == "vllm":
+        from actors.vllm_engine import VllmEngine
+
+        return VllmEngine(model_dir, cfg.engine, seed=cfg.run.seed)
+    from actors.hf_engine import HfEngine
+
+    return HfEngine(model_dir, cfg.engine)
+
+
+class ActorLoop:
+    def __init__(self, cfg: PipelineConfig, actor_id: str, model_dir: Path, stop: threading.Event):
+        self.cfg, self.actor_id, self.stop = cfg, actor_id, stop
+        self.engine = make_engine(cfg, model_dir)
+        self.weights = ZmqWeightSubscriber(cfg.weights, actor_id, cfg.security)
+        self.client = BufferClient(cfg.buffer.ingest_address, actor_id, cfg.buffer, cfg.security)
+        self.scorer = RewardScorer(cfg.reward, max_tokens=cfg.rollout.segment_tokens * cfg.rollout.max_depth)
+        self.sampler = make_sampler(self.engine, cfg.rollout, self.scorer, run_id=cfg.run.run_id,
+                                    seed=cfg.run.seed, tree_prefix=actor_id, before_step=self.between_steps)
+        # reasoning-gym scorers need the generator's entry; leases carry only the prompt id and text
+        self.entries = ({str(r["id"]): r["entry"] for r in raw_rows(cfg.prompts)}
+                        if cfg.reward.kind == "reasoning_gym" else {})
+        self.sink = MetricsSink(Path(cfg.run.output_dir) / "metrics", actor_id, tensorboard=False)
+        self.last_heartbeat = 0.0
+        self.swaps = 0
+        self.swap_s = 0.0
+
+    def between_steps(self) -> None:
+        """Called before every engine call: newest weights in, leases renewed, acks read."""
+        got = self.weights.poll_latest()
+        if got is not None:
+            t0 = time.perf_counter()
+            version, state = got
+            self.engine.load_weights(state, version)
+            self.swaps += 1
+            self.swap_s += time.perf_counter() - t0
+            log.info("%s applied policy version %d in %.2f s", self.actor_id, version, time.perf_counter() - t0)
+        now = time.monotonic()
+        if now - self.last_heartbeat > self.cfg.buffer.lease_seconds / 4:
+            self.client.heartbeat(self.engine.policy_version)
+            self.last_heartbeat = now
+        self.client.poll(0)
+
+    def _item(self, lease: PromptLease) -> PromptItem:
+        return PromptItem(prompt_id=lease.prompt_id, text=lease.prompt, answer=lease.answer,
+                          token_ids=render(self.engine.tokenizer, self.cfg.prompts, lease.prompt),
+                          entry=self.entries.get(lease.prompt_id, {}), tree_id=lease.tree_id)
+
+    def run(self) -> None:
+        rounds = 0
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            self.between_steps()
+            grant = self.client.request_prompts(self.cfg.rollout.prompts_per_step, self.engine.policy_version)
+            if not grant.leases:
+                self.stop.wait(max(grant.retry_after_s, 0.05))
+                continue
+            waited = time.perf_counter() - t0
+            before = self.engine.counters.as_dict()
+            t1 = time.perf_counter()
+            trees = 0
+            rewards: list[float] = []
+            for piece in self.sampler.grow([self._item(lease) for lease in grant.leases]):
+                self.client.send(piece.message(self.actor_id))
+                if piece.final and piece.whole is not None:
+                    trees += 1
+                    rewards += piece.whole.rewards.tolist()
+            gen_s = time.perf_counter() - t1
+            after = self.engine.counters.as_dict()
+            delta = {k: float(after[k] - before[k]) for k in after}
+            rounds += 1
+            self.sink.log(rounds, {"trees": float(trees), "reward_mean": sum(rewards) / max(1, len(rewards)),
+                                   "generate_s": gen_s, "wait_s": waited, "policy_version": float(self.engine.policy_version),
+                                   "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
+                                   "generated_tokens_per_s": delta.get("generated_tokens", 0.0) / gen_s, **delta})
+        self.client.flush(timeout_s=self.cfg.buffer.resend_timeout_s * 4)
+
+    def close(self) -> None:
+        self.weights.close()
+        self.client.close()
+        self.scorer.close()
+        self.sink.close()
+        self.engine.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults when omitted)")
+    p.add_argument("--actor-id", default="actor-0", help="unique name of this actor (its ZeroMQ identity)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`treepo actor`: grow trees until SIGTERM/SIGINT, then flush unacknowledged pieces and leave."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    model_dir = materialise_model(cfg.model, Path(cfg.run.output_dir) / "model")
+    loop = ActorLoop(cfg, args.actor_id, model_dir, stop)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return 0

@@ -1,0 +1,81 @@
+"""What every sampler shares: one batched engine call per step over all prompts' queued paths.
+
+A step sends every queued path of every prompt in ONE `Engine.generate` call, ordered by prompt and,
+within a prompt, by queue order (siblings are queued next to each other, so requests that share a
+prefix are adjacent: what the prefix cache wants). Each request's input is prompt + the path's
+response so far; each gets its own seed from the sampler's generator, so a run is reproducible on
+engines that honour per-request seeds. Subclasses decide how many tokens a path may add and what
+happens to the grown paths (`grow`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from actors.engine import Engine, SamplingParams, SegmentRequest, SegmentResult
+from actors.prompts import PromptItem
+from actors.tree_state import Path, PromptTree, Scorer, TreePiece
+from protocol.config.rollout import RolloutConfig
+from protocol.tree import SamplingSettings, Tree, TreeMode
+
+
+class SamplerBase(ABC):
+    mode: TreeMode
+
+    def __init__(self, engine: Engine, cfg: RolloutConfig, scorer: Scorer | None = None, run_id: str = "run",
+                 seed: int = 0, tree_prefix: str = "tree", before_step: Callable[[], None] | None = None):
+        self.engine, self.cfg, self.scorer, self.run_id, self.seed = engine, cfg, scorer, run_id, seed
+        self.before_step = before_step  # runs before every engine call (an actor applies new weights there)
+        self.tree_prefix = tree_prefix
+        self.rng = np.random.default_rng(seed)
+        self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        self.trees_grown = 0
+        self.steps = 0
+
+    def settings(self) -> SamplingSettings:
+        c = self.cfg
+        return SamplingSettings(mode=self.mode, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                segment_tokens=c.segment_tokens, max_depth=c.max_depth, width=c.width,
+                                branching=c.branching, seed=self.seed)
+
+    def new_tree(self, item: PromptItem) -> PromptTree:
+        tree_id = item.tree_id or f"{self.tree_prefix}-{self.seed}-{self.trees_grown}"
+        tree = PromptTree(item, tree_id, self.run_id, self.settings())
+        self.trees_grown += 1
+        return tree
+
+    @abstractmethod
+    def max_new_tokens(self, path: Path) -> int:
+        """Token budget of the next segment of `path`."""
+
+    @abstractmethod
+    def grow(self, items: list[PromptItem]) -> Iterator[TreePiece]:
+        """Grow one tree per prompt; yield pieces as they complete (the final piece of each tree last)."""
+
+    def sample(self, items: list[PromptItem]) -> list[Tree]:
+        """The whole trees, in prompt order (no streaming)."""
+        whole = {p.tree.prompt_id: p.whole for p in self.grow(items) if p.final}
+        return [whole[item.prompt_id] for item in items]  # type: ignore[misc]
+
+    def step(self, trees: list[PromptTree]) -> list[tuple[PromptTree, Path, SegmentResult]]:
+        """Run every queued path of every tree through the engine once; (tree, grown path, result) each."""
+        jobs = [(t, p) for t in trees for p in t.queue]
+        requests = [SegmentRequest(token_ids=t.item.token_ids.tolist() + list(p.tokens),
+                                   max_new_tokens=self.max_new_tokens(p), sampling=self.params,
+                                   seed=int(self.rng.integers(2**31 - 1))) for t, p in jobs]
+        if self.before_step is not None:
+            self.before_step()
+        results = self.engine.generate(requests)
+        for t in trees:
+            t.queue = []
+        self.steps += 1
+        return [(t, t.extend(p, r), r) for (t, p), r in zip(jobs, results, strict=True)]
+
+    def text(self, path: Path) -> str:
+        return self.engine.decode(path.tokens)
+
+    def segment_text(self, path: Path) -> str:
+        return self.engine.decode(path.tokens[len(path.tokens) - path.seg_lens[-1]:])

@@ -1,0 +1,197 @@
+"""`treepo up`: the whole pipeline on one machine, each role its own process.
+
+Starts, in order: the model directory (built once: tiny or SmolLM2, see `models/`), Redis (the
+configured URL, or an embedded server under `<output_dir>/redis`), the buffer service,
+`run.actors` actor processes and the learner (`run.learner_ranks` DeepSpeed ranks through
+torchrun when more than one). Children get the resolved config (`<output_dir>/config.yaml`,
+with the model path and Redis URL filled in) and log to `<output_dir>/logs/<role>.log`.
+
+While it runs it shows the learner's progress from `<output_dir>/metrics/*.jsonl` with rich
+(step, reward, trees/s, tokens/s, staleness, policy versions); TensorBoard logs are under
+`<output_dir>/metrics/tensorboard`, Prometheus /metrics on `run.metrics_port` when set. It ends
+when the learner reaches `learner.max_steps` (checkpoint + export written) or on Ctrl-C (the
+learner is asked to stop first, so it checkpoints), then stops actors, buffer and Redis in that
+order, draws the reward curve to `<output_dir>/reward.png` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from buffer.redis_server import connect
+from models import materialise_model
+from protocol.config import dump_config, load_config
+from protocol.config.pipeline import PipelineConfig
+
+console = Console()
+
+
+class Child:
+    """One role's process, its log file, and how to stop it."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float) -> int:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                console.print(f"[yellow]{self.name} did not stop in {timeout_s:.0f} s: killed")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def plot_rewards(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    reward = [r["reward_mean"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, reward, marker=".", label="mean leaf reward of the batch")
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_curve(rows: list[dict], buckets: int = 10) -> None:
+    """The reward curve as text: mean reward per slice of steps, with a bar."""
+    if not rows:
+        return
+    size = max(1, len(rows) // buckets)
+    for i in range(0, len(rows), size):
+        part = rows[i:i + size]
+        mean = sum(r["reward_mean"] for r in part) / len(part)
+        console.print(f"  steps {part[0]['step']:>4}-{part[-1]['step']:<4} reward {mean:+.3f} "
+                      f"{'#' * max(0, int(round((mean + 1) * 20)))}")
+
+
+def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path) -> dict[str, Child]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    py = [sys.executable, "-m", "launcher.cli"]
+    children = {"buffer": Child("buffer", py + ["buffer", "--config", str(config_path)], log_dir, env)}
+    for i in range(cfg.run.actors):
+        children[f"actor-{i}"] = Child(f"actor-{i}", py + ["actor", "--config", str(config_path), "--actor-id",
+                                                             f"actor-{i}"], log_dir, env)
+    learner = py + ["learner", "--config", str(config_path)]
+    if cfg.run.learner_ranks > 1:
+        learner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(cfg.run.learner_ranks), "-m", "launcher.cli", *learner[3:]]
+    children["learner"] = Child("learner", learner, log_dir, env)
+    return children
+
+
+def resolve(cfg: PipelineConfig, model_dir: Path, redis_url: str) -> PipelineConfig:
+    data = cfg.model_dump()
+    data["model"].update(source="path", path=str(model_dir))
+    data["buffer"]["redis_url"] = redis_url
+    return PipelineConfig.model_validate(data)
+
+
+def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) -> bool:
+    """Progress until the learner exits; False if it failed. Ctrl-C asks the learner to stop."""
+    learner = children["learner"]
+    columns = [TextColumn("[bold]learner"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("steps", total=cfg.learner.max_steps, info="starting (model, engines, DeepSpeed)")
+        dead: set[str] = set()
+        while learner.alive():
+            try:
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                console.print("[yellow]Ctrl-C: asking the learner to checkpoint and stop")
+                os.killpg(learner.proc.pid, signal.SIGINT)
+                continue
+            rows = read_jsonl(metrics_dir / "learner.jsonl")
+            actor_rows = [r for p in metrics_dir.glob("actor-*.jsonl") for r in read_jsonl(p)]
+            for name, child in children.items():
+                if name != "learner" and not child.alive() and name not in dead:
+                    dead.add(name)
+                    console.print(f"[red]{name} exited ({child.proc.returncode}); last lines:\n{child.tail(10)}")
+            if rows:
+                last = rows[-1]
+                gen_tokens = sum(r.get("generated_tokens", 0.0) for r in actor_rows)
+                elapsed = max(1e-9, last["time"] - rows[0]["time"] + rows[0]["iteration_s"])
+                info = (f"reward {last['reward_mean']:+.3f}  trees/s {sum(r['trees'] for r in rows) / elapsed:.2f}  "
+                        f"gen tok/s {gen_tokens / elapsed:.0f}  train tok/s {last['tokens_per_s']:.0f}  "
+                        f"staleness {last['staleness_mean']:.1f}  versions {int(last['tree_version_min'])}.."
+                        f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%")
+                progress.update(task, completed=int(last["step"]), info=info)
+    return learner.proc.returncode == 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults when omitted), e.g. configs/cpu-tiny.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    out = Path(cfg.run.output_dir)
+    log_dir, metrics_dir = out / "logs", out / "metrics"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]treepo up[/]: run {cfg.run.run_id!r} -> {out}  ({cfg.run.actors} actor(s), "
+                  f"{cfg.run.learner_ranks} learner rank(s), {cfg.rollout.mode} rollouts, {cfg.learner.estimator} advantages)")
+    with console.status("materialising the model"):
+        model_dir = materialise_model(cfg.model, out / "model")
+    with connect(cfg, reuse_running=False) as redis_handle:
+        url = (cfg.buffer.redis_url or (redis_handle.server.url if redis_handle.server else
+                                        f"unix://{redis_handle.lite.socket_file}"))
+        resolved = resolve(cfg, model_dir, url)
+        config_path = out / "config.yaml"
+        config_path.write_text(dump_config(resolved))
+        console.print(f"model {model_dir}, redis {url}, logs {log_dir}")
+        children = start_children(resolved, config_path, log_dir)
+        ok = False
+        try:
+            ok = watch(resolved, children, metrics_dir)
+        finally:
+            for name in [n for n in children if n.startswith("actor-")] + ["buffer", "learner"]:
+                children[name].stop(timeout_s=60)
+    rows = read_jsonl(metrics_dir / "learner.jsonl")
+    if not ok:
+        console.print(f"[red]the learner failed; last lines of {children['learner'].log_path}:\n"
+                      f"{children['learner'].tail(40)}")
+        return 1
+    if rows:
+        plot_rewards(rows, out / "reward.png")
+        console.print(f"reward curve ({len(rows)} steps) -> {out / 'reward.png'}")
+        print_curve(rows)
+    console.print(f"checkpoint {out / 'checkpoints'}, weights {out / 'export'}, trees in Redis (run {cfg.run.run_id!r})")
+    return 0

@@ -1,0 +1,192 @@
+"""The learner process: take batches of trees from the buffer under the staleness bound, train,
+acknowledge, push the new weights to the actors, checkpoint. `treepo learner` runs it.
+
+One iteration (policy version v -> v+1):
+  1. rank 0 reads `learner.prompts_per_step` complete trees from the run's Redis stream (trees
+     more than `buffer.max_staleness` versions behind v are dropped and counted by the source);
+     with N ranks it hands the same trees to every rank, encoded with the protocol codec;
+  2. `Learner.step(trees)` (advantages, loss, one optimizer step; each rank trains its share);
+  3. rank 0 acknowledges the batch (`BatchSource.commit`) only after the step, so a crash before
+     it makes the trees come again;
+  4. every `push_every` steps the weights are published as version v+1 (newest-only per actor);
+  5. every `checkpoint_every` steps, and at the end, a checkpoint; at the end also an export of
+     the weights as a HF directory (`<output_dir>/export`).
+The learner resumes from the latest checkpoint under `<output_dir>/checkpoints` and then publishes
+its version, so actors that started from the base weights catch up before generating more.
+
+Schedules: `async` lets actors generate while the learner trains (bounded by the staleness
+admission of the buffer); `sync` is the same loop with max_staleness 0 (the config enforces it),
+so the buffer grants new prompts only to actors holding the learner's current version: generate a
+batch, train on it, push, repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from buffer.client import Batch, BatchSource
+from buffer.redis_server import connect
+from buffer.store import TreeStore
+from learner.engine import Learner
+from learner.metrics_sink import MetricsSink
+from learner.weight_push import ZmqWeightPublisher
+from models import materialise_model
+from protocol.codec import decode, encode
+from protocol.config.pipeline import PipelineConfig, load_config
+from protocol.messages import SubtreeMsg
+from protocol.tree import Tree
+
+log = logging.getLogger("treepo.learner")
+
+
+def tree_metrics(trees: list[Tree], learner_version: int) -> dict[str, float]:
+    """Reward and staleness figures of a batch (before training on it)."""
+    rewards = np.concatenate([t.rewards for t in trees])
+    oldest = np.array([t.min_policy_version() for t in trees])
+    newest = np.array([int(t.versions.max()) for t in trees])
+    return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "leaves": float(len(rewards)), "trees": float(len(trees)),
+            "staleness_mean": float((learner_version - oldest).mean()),
+            "staleness_max": float((learner_version - oldest).max()),
+            "versions_in_batch": float(len(np.unique(np.concatenate([t.versions for t in trees])))),
+            "tree_version_min": float(oldest.min()), "tree_version_max": float(newest.max()),
+            "tree_tokens": float(sum(t.unique_token_count() for t in trees))}
+
+
+def broadcast_trees(trees: list[Tree] | None, rank: int, world: int) -> list[Tree]:
+    """Rank 0's trees on every rank, as protocol bytes (no pickle) over the process group."""
+    if world == 1:
+        return trees or []
+    import torch.distributed as dist
+
+    if rank == 0:
+        blobs = [encode(SubtreeMsg(key=t.tree_id, actor_id="learner", seq=0, tree=t)) for t in trees or []]
+        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+        count = torch.tensor([len(blobs)], dtype=torch.int64)
+    else:
+        count = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(count, 0)
+    if rank != 0:
+        sizes = torch.zeros(int(count), dtype=torch.int64)
+    dist.broadcast(sizes, 0)
+    flat = (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if rank == 0
+            else torch.zeros(int(sizes.sum()), dtype=torch.uint8))
+    dist.broadcast(flat, 0)
+    if rank == 0:
+        return list(trees or [])
+    raw, out, at = flat.numpy().tobytes(), [], 0
+    for n in sizes.tolist():
+        out.append(decode(raw[at:at + n]).tree)
+        at += n
+    return out
+
+
+class LearnerLoop:
+    def __init__(self, cfg: PipelineConfig, model_dir: Path, stop: threading.Event):
+        self.cfg, self.stop = cfg, stop
+        self.out = Path(cfg.run.output_dir)
+        self.learner = Learner(cfg.learner, model_dir, seed=cfg.run.seed)
+        self.rank, self.world = self.learner.rank, self.learner.world
+        self.ckpt_dir = self.out / "checkpoints"
+        if (self.ckpt_dir / "latest").exists():
+            self.learner.load_checkpoint(self.ckpt_dir)
+            log.info("resumed at step %d (policy version %d)", self.learner.step_count, self.learner.policy_version)
+        self.source = self.publisher = self.sink = self.redis = None
+        if self.rank == 0:
+            self.redis = connect(cfg)
+            store = TreeStore.from_config(self.redis.client, cfg)
+            self.source = BatchSource(store, "learner-0", cfg.buffer.max_staleness, cfg.buffer.claim_idle_s)
+            store.set_learner_version(self.learner.policy_version)
+            self.publisher = ZmqWeightPublisher(cfg.weights, cfg.security, run_id=cfg.run.run_id)
+            self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port)
+        self._publish()
+
+    def _publish(self) -> None:
+        state = self.learner.state_dict_for_push()  # collective under ZeRO-3
+        if self.publisher is not None:
+            self.publisher.publish(self.learner.policy_version, state)
+
+    def _next_batch(self) -> Batch:
+        """Rank 0 waits for a whole batch (or a stop); idle time is what the learner waited for data."""
+        batch, need = Batch(), self.cfg.learner.prompts_per_step
+        while len(batch.trees) < need and not self.stop.is_set():
+            got = self.source.next_batch(need - len(batch.trees), self.learner.policy_version, timeout_s=0.5)
+            batch.trees += got.trees
+            batch.entries += got.entries
+        return batch
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1 if self.stop.is_set() else 0])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    def run(self) -> None:
+        cfg, lrn = self.cfg.learner, self.learner
+        while lrn.step_count < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch = self._next_batch() if self.rank == 0 else None
+            if self._stop_requested():
+                break
+            waited = time.perf_counter() - t0
+            trees = broadcast_trees(batch.trees if batch else None, self.rank, self.world)
+            data = tree_metrics(trees, lrn.policy_version)
+            metrics = lrn.step(trees)
+            if self.rank == 0:
+                self.source.commit(batch, lrn.policy_version)
+            if lrn.step_count % cfg.push_every == 0:
+                self._publish()
+            if lrn.step_count % cfg.checkpoint_every == 0:
+                lrn.save_checkpoint(self.ckpt_dir)
+            if self.sink is not None:
+                total = time.perf_counter() - t0
+                self.sink.log(lrn.step_count, {**data, **metrics, "wait_s": waited, "iteration_s": total,
+                                               "idle_fraction": waited / total,
+                                               "stale_drops": float(self.source.stale_drops)})
+        lrn.save_checkpoint(self.ckpt_dir)
+        lrn.export(self.out / "export")
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.sink is not None:
+            self.sink.close()
+        if self.redis is not None:
+            self.redis.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults when omitted)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`treepo learner`: train until learner.max_steps or SIGTERM/SIGINT (then checkpoint and export)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    model_dir = materialise_model(cfg.model, Path(cfg.run.output_dir) / "model")
+    loop = LearnerLoop(cfg, model_dir, stop)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    if loop.world > 1:  # STACK.md: a clean multi-process exit on CPU
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
+    return 0

