@@ -1,8 +1,11 @@
 # The two commands a newcomer needs: `make train` (set up, then the main job) and `make test`.
-.PHONY: setup test lint bench-codec
+.PHONY: setup train test lint bench-codec
 
 setup:
 	bash scripts/setup.sh
+
+train: setup
+	.venv/bin/treepo up --config configs/cpu-tiny.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider

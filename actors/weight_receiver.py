@@ -2,7 +2,9 @@
 
 A background thread owns a DEALER connected to the learner's weight ROUTER (protocol in
 `learner/weight_push.py`): it says Hello, assembles each version's chunks into one flat buffer
-(acknowledging each chunk, which is the learner's credit to send the next), and when a version is
+(acknowledging each chunk, which is the learner's credit to send the next; a chunk's payload frame
+is validated against its WeightChunk and the WeightHeader, then copied once, straight into place),
+and when a version is
 complete builds its state dict as zero-copy views of that buffer (`protocol.weight_layout`). The
 tree sampler calls `poll_latest()` between two tree steps: it returns the newest complete version
 not yet taken, or None, and never blocks. A version that arrives before the previous one was
@@ -44,7 +46,7 @@ from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
 from protocol.security import secure_client
-from protocol.weight_layout import check_header, storage_users, unflatten
+from protocol.weight_layout import check_chunk, check_header, storage_users, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         while not self._stop.is_set():
             if self._sock.poll(tick_ms):
                 while self._sock.poll(0):
-                    self._on_message(decode(self._sock.recv(copy=False).buffer, self.limits))
+                    self._on_frames(self._sock.recv_multipart(copy=False))
                 last_recv = time.monotonic()
             now = time.monotonic()
             if self._header is not None and now - last_recv > self.cfg.stall_timeout_s:
@@ -147,10 +149,20 @@ class ZmqWeightSubscriber(WeightSubscriber):
                 self._send(Heartbeat(sender=self.actor_id, policy_version=self.have, unix_time=time.time()))
         self._send(Shutdown(sender=self.actor_id, reason="closed"))
 
-    def _on_message(self, msg: object) -> None:
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        """One multipart message: a WeightChunk and its payload frame, or any other message alone."""
+        msg = decode(frames[0].buffer, self.limits)
         if isinstance(msg, WeightChunk):
-            self._on_chunk(msg)
-        elif isinstance(msg, WeightHeader):
+            if len(frames) != 2:
+                raise ProtocolError("malformed", f"a WeightChunk in {len(frames)} frame(s), not [chunk, payload]")
+            self._on_chunk(msg, frames[1].buffer)
+        elif len(frames) != 1:
+            raise ProtocolError("malformed", f"a {type(msg).__name__} with {len(frames) - 1} extra frame(s)")
+        else:
+            self._on_message(msg)
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, WeightHeader):
             check_header(msg)
             if self.run_id and msg.run_id != self.run_id:
                 raise ProtocolError("run_id", f"weights of run {msg.run_id!r}, this actor is in run {self.run_id!r}")
@@ -169,21 +181,17 @@ class ZmqWeightSubscriber(WeightSubscriber):
         else:
             raise ProtocolError("type", f"unexpected {type(msg).__name__} on the weight socket")
 
-    def _on_chunk(self, chunk: WeightChunk) -> None:
+    def _on_chunk(self, chunk: WeightChunk, payload: memoryview) -> None:
         header = self._header
         if header is None or chunk.version != header.version:
             self.stale_chunks += 1  # still in flight from a transfer this actor abandoned
             return
-        end = self._filled + len(chunk.data)
-        if chunk.index != self._next_index or end > header.total_bytes:
-            raise ProtocolError("malformed", f"v{header.version}: chunk {chunk.index} ({len(chunk.data)} B) "
-                                f"where chunk {self._next_index} at byte {self._filled} was due")
+        check_chunk(header, chunk, len(payload), self._next_index, self._filled)
+        end = chunk.offset + chunk.nbytes
         last = chunk.index == header.n_chunks - 1
-        if last and end != header.total_bytes:
-            raise ProtocolError("malformed", f"v{header.version}: {end} of {header.total_bytes} bytes in all chunks")
         if not last:  # the credit goes back before the copy, so the next chunk is already on its way
             self._send(Ack(key=f"{chunk.version}/{chunk.index}"))
-        self._view[self._filled:end] = chunk.data
+        self._view[chunk.offset:end] = payload  # the one copy on this side: ZeroMQ's frame -> the flat buffer
         self._filled, self._next_index = end, self._next_index + 1
         if last:
             self._finish()  # the last credit says "assembled": the learner counts this actor as holding the version

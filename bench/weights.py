@@ -5,7 +5,8 @@ and Qwen2.5-0.5B (494M parameters, 988 MB), tied embeddings. bf16 is what the ac
 load, so it is the size that travels.
 
 weights: from `ZmqWeightPublisher.publish` (which copies the state dict into a flat buffer and
-returns; its thread encodes and streams the chunks) until every actor has assembled the version and
+returns; its thread streams each chunk as a small WeightChunk frame plus a zero-copy payload frame,
+which the actor copies once into its flat buffer) until every actor has assembled the version and
 acknowledged the last chunk
 (`wait_delivered`); the actors are `ZmqWeightSubscriber`s in separate processes. raw: the same
 bytes in the same chunk sizes, sent ROUTER -> DEALER with zero-copy frames, receivers only count

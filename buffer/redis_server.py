@@ -38,7 +38,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """preexec_fn of a child process: the kernel sends it SIGTERM when its parent dies."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -94,7 +95,7 @@ class EmbeddedRedis:
                 "--pidfile", str(self.data_dir / "redis.pid"), "--logfile", str(self.data_dir / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         (self.data_dir / "redis.url").write_text(self.url)
         deadline = time.monotonic() + self.start_timeout_s
         client = self.client()

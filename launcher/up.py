@@ -4,7 +4,8 @@ Starts, in order: the model directory (built once: tiny or SmolLM2, see `models/
 configured URL, or an embedded server under `<output_dir>/redis`), the buffer service,
 `run.actors` actor processes and the learner (`run.learner_ranks` DeepSpeed ranks through
 torchrun when more than one). Children get the resolved config (`<output_dir>/config.yaml`,
-with the model path and Redis URL filled in) and log to `<output_dir>/logs/<role>.log`.
+with the model path, the Redis URL and concrete ports filled in: an address with port 0
+gets a free one) and log to `<output_dir>/logs/<role>.log`.
 
 While it runs it shows the learner's progress from `<output_dir>/metrics/*.jsonl` with rich
 (step, reward, trees/s, tokens/s, staleness, policy versions); TensorBoard logs are under
@@ -23,12 +24,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from buffer.redis_server import connect
+from buffer.redis_server import connect, die_with_parent, free_port
 from models import materialise_model
 from protocol.config import dump_config, load_config
 from protocol.config.pipeline import PipelineConfig
@@ -39,12 +43,17 @@ console = Console()
 class Child:
     """One role's process, its log file, and how to stop it."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]):
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str], cpus: list[int] | None = None):
+        """`cpus`: pin the process (and every thread and process it starts) to these cores with `taskset`,
+        and size its OpenMP/torch thread pool to them."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "ab")
+        if cpus:
+            argv = ["taskset", "-c", ",".join(str(c) for c in cpus), *argv]
+            env = {**env, "OMP_NUM_THREADS": str(len(cpus))}
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=die_with_parent)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -102,25 +111,38 @@ def print_curve(rows: list[dict], buckets: int = 10) -> None:
                       f"{'#' * max(0, int(round((mean + 1) * 20)))}")
 
 
-def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path) -> dict[str, Child]:
+def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
+                   cpus: dict[str, list[int]] | None = None) -> dict[str, Child]:
+    """Buffer, `run.actors` actors and the learner; `cpus` optionally pins a role ("buffer", "actor" for
+    every actor, "learner" for all its ranks) to cores (see `Child`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cpus = cpus or {}
     py = [sys.executable, "-m", "launcher.cli"]
-    children = {"buffer": Child("buffer", py + ["buffer", "--config", str(config_path)], log_dir, env)}
+    children = {"buffer": Child("buffer", py + ["buffer", "--config", str(config_path)], log_dir, env,
+                                cpus.get("buffer"))}
     for i in range(cfg.run.actors):
         children[f"actor-{i}"] = Child(f"actor-{i}", py + ["actor", "--config", str(config_path), "--actor-id",
-                                                             f"actor-{i}"], log_dir, env)
+                                                             f"actor-{i}"], log_dir, env, cpus.get("actor"))
     learner = py + ["learner", "--config", str(config_path)]
     if cfg.run.learner_ranks > 1:
         learner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(cfg.run.learner_ranks), "-m", "launcher.cli", *learner[3:]]
-    children["learner"] = Child("learner", learner, log_dir, env)
+    children["learner"] = Child("learner", learner, log_dir, env, cpus.get("learner"))
     return children
 
 
+def with_free_port(address: str) -> str:
+    """tcp://HOST:0 -> tcp://HOST:<a free port>, so several runs can share a machine."""
+    host, _, port = address.rpartition(":")
+    return f"{host}:{free_port()}" if port == "0" else address
+
+
 def resolve(cfg: PipelineConfig, model_dir: Path, redis_url: str) -> PipelineConfig:
+    """What the children run with: the built model, the Redis URL, concrete ports."""
     data = cfg.model_dump()
     data["model"].update(source="path", path=str(model_dir))
-    data["buffer"]["redis_url"] = redis_url
+    data["buffer"].update(redis_url=redis_url, ingest_address=with_free_port(cfg.buffer.ingest_address))
+    data["weights"]["address"] = with_free_port(cfg.weights.address)
     return PipelineConfig.model_validate(data)
 
 
@@ -161,13 +183,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults when omitted), e.g. configs/cpu-tiny.yaml")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+@dataclass
+class Launch:
+    """A started pipeline: the resolved config, its children and where they write metrics."""
+
+    cfg: PipelineConfig
+    children: dict[str, Child]
+    metrics_dir: Path
+
+
+@contextmanager
+def launched(cfg: PipelineConfig, cpus: dict[str, list[int]] | None = None) -> Iterator[Launch]:
+    """Model, Redis, then the children (see `start_children`); on exit stops actors, buffer, learner and Redis."""
     out = Path(cfg.run.output_dir)
     log_dir, metrics_dir = out / "logs", out / "metrics"
     log_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]treepo up[/]: run {cfg.run.run_id!r} -> {out}  ({cfg.run.actors} actor(s), "
-                  f"{cfg.run.learner_ranks} learner rank(s), {cfg.rollout.mode} rollouts, {cfg.learner.estimator} advantages)")
     with console.status("materialising the model"):
         model_dir = materialise_model(cfg.model, out / "model")
     with connect(cfg, reuse_running=False) as redis_handle:
@@ -177,17 +207,30 @@ def run(args: argparse.Namespace) -> int:
         config_path = out / "config.yaml"
         config_path.write_text(dump_config(resolved))
         console.print(f"model {model_dir}, redis {url}, logs {log_dir}")
-        children = start_children(resolved, config_path, log_dir)
-        ok = False
+        children = start_children(resolved, config_path, log_dir, cpus)
         try:
-            ok = watch(resolved, children, metrics_dir)
+            yield Launch(resolved, children, metrics_dir)
         finally:
             for name in [n for n in children if n.startswith("actor-")] + ["buffer", "learner"]:
                 children[name].stop(timeout_s=60)
-    rows = read_jsonl(metrics_dir / "learner.jsonl")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the run like Ctrl-C: checkpoint, then stop all
+    cfg = load_config(args.config)
+    out = Path(cfg.run.output_dir)
+    console.print(f"[bold]treepo up[/]: run {cfg.run.run_id!r} -> {out}  ({cfg.run.actors} actor(s), "
+                  f"{cfg.run.learner_ranks} learner rank(s), {cfg.rollout.mode} rollouts, {cfg.learner.estimator} advantages)")
+    with launched(cfg) as launch:
+        ok = watch(launch.cfg, launch.children, launch.metrics_dir)
+    rows = read_jsonl(launch.metrics_dir / "learner.jsonl")
     if not ok:
-        console.print(f"[red]the learner failed; last lines of {children['learner'].log_path}:\n"
-                      f"{children['learner'].tail(40)}")
+        learner = launch.children["learner"]
+        console.print(f"[red]the learner failed; last lines of {learner.log_path}:\n{learner.tail(40)}")
         return 1
     if rows:
         plot_rewards(rows, out / "reward.png")

@@ -1,26 +1,28 @@
 """Learner side of the weight push: publish each policy version to every actor over ZeroMQ, newest only.
 
-Wire protocol (a ROUTER bound by the learner, one DEALER per actor; every frame is a
-`protocol.codec` message):
+Wire protocol (a ROUTER bound by the learner, one DEALER per actor; every message is one
+`protocol.codec` frame, except a WeightChunk, which is [encoded WeightChunk, its raw payload bytes]):
 
     actor -> learner   Hello(sender, role="actor", policy_version=have)  join, or abandon a transfer and ask again
                        Heartbeat(sender, policy_version=have)            alive, idle, holds version `have`
                        Ack(key="<version>/<index>")                     chunk received: one credit back
                        Shutdown(sender)                                 leaving
-    learner -> actor   WeightHeader, then WeightChunk 0..n_chunks-1 of one version; Shutdown on close
+    learner -> actor   WeightHeader, then WeightChunk 0..n_chunks-1 (+ payload frame) of one version;
+                       Shutdown on close
 
-Latest only: `publish` keeps one snapshot, the newest version, as encoded frames. An actor that is
+Latest only: `publish` keeps one snapshot, the newest version, as a flat buffer. An actor that is
 idle and holds an older version gets a transfer of that snapshot; the transfer runs to its end with
 at most `window` chunks unacknowledged (credits), and if newer versions were published meanwhile
 the actor next gets the newest of them. So each actor has at most one version in flight, a slow
 actor skips every version published while it was busy, and nothing queues up for it. A snapshot
 that is no longer the newest lives only while a transfer still streams it.
 
-Cost: `publish` only copies the state dict into one flat buffer (torch copies, without the GIL)
-and returns; the thread encodes each chunk (a codec message) when it first sends it, caches the
-frame for the other actors, and sends frames zero-copy. A later version refills a snapshot's
-memory once no transfer streams it and ZeroMQ has released its frames (message trackers), so
-steady-state publishing touches warm memory instead of page-faulting fresh buffers.
+Cost: `publish` only copies the state dict into one flat buffer (numpy copies, without the GIL)
+and returns; the thread sends each chunk as a small encoded WeightChunk and, zero-copy, a view of
+its bytes in that buffer: the learner copies no weight byte after the flat buffer. A later
+version refills a snapshot's memory once no transfer streams it and ZeroMQ has released its
+frames (message trackers), so steady-state publishing touches warm memory instead of
+page-faulting fresh buffers.
 
 Timeouts (the learner never hangs on an actor): a send that cannot proceed for `send_timeout_s`,
 or an actor that returns no credit for `send_timeout_s` mid-transfer, is a `WeightSendTimeout`:
@@ -48,7 +50,6 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import zmq
 
@@ -103,38 +104,26 @@ def send_or_timeout(sock: zmq.Socket, frames: list[bytes | memoryview], what: st
         raise WeightSendTimeout(f"{what}: send blocked for {sock.sndtimeo} ms") from None
 
 
-_ENVELOPE_MAX = 128  # bytes of a WeightChunk's msgpack envelope beyond its data (about 60)
 _SPARE_SNAPSHOTS = 2  # retired snapshots whose memory the next `publish` may refill
 
 
 @dataclass(eq=False)
 class _Snapshot:
-    """One version: its flat buffer, and the encoded chunk frames, made on first send and cached in `region`
-    (chunk i at i * stride) for the other actors. `trackers` tell when ZeroMQ has let go of those frames."""
+    """One version: its encoded header and flat buffer. `trackers` tell when ZeroMQ has let go of the
+    payload frames it was sent from."""
 
     version: int
     header: bytes
     n_chunks: int
     chunk_bytes: int
     flat: torch.Tensor
-    region: torch.Tensor
-    frames: dict[int, memoryview] = field(default_factory=dict)
     trackers: list[zmq.MessageTracker] = field(default_factory=list)
 
-    def frame(self, index: int) -> memoryview:
-        """The encoded WeightChunk `index` (a view of `region`)."""
-        cached = self.frames.get(index)
-        if cached is not None:
-            return cached
-        data = memoryview(self.flat.numpy())[index * self.chunk_bytes:(index + 1) * self.chunk_bytes]
-        encoded = encode(WeightChunk(version=self.version, index=index, data=data))  # type: ignore[arg-type]
-        if len(encoded) > len(data) + _ENVELOPE_MAX:
-            raise AssertionError(f"a WeightChunk envelope of {len(encoded) - len(data)} B")
-        begin = index * (self.chunk_bytes + _ENVELOPE_MAX)
-        region = self.region.numpy()
-        region[begin:begin + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-        self.frames[index] = memoryview(region[begin:begin + len(encoded)])
-        return self.frames[index]
+    def chunk(self, index: int) -> tuple[bytes, memoryview]:
+        """The two frames of chunk `index`: its encoded WeightChunk, and its bytes as a view of `flat`."""
+        offset = index * self.chunk_bytes
+        payload = memoryview(self.flat.numpy())[offset:offset + self.chunk_bytes]
+        return encode(WeightChunk(version=self.version, index=index, offset=offset, nbytes=len(payload))), payload
 
 
 @dataclass(eq=False)
@@ -196,26 +185,25 @@ class ZmqWeightPublisher(WeightPublisher):
         n_chunks = math.ceil(total / chunk_bytes)
         header = encode(WeightHeader(run_id=self.run_id, version=version, tensors=metas, total_bytes=total,
                                      n_chunks=n_chunks))
-        flat, region = self._buffers(total, n_chunks * (chunk_bytes + _ENVELOPE_MAX))
+        flat = self._buffer(total)
         flatten_into(state_dict, metas, flat)
-        snap = _Snapshot(version, header, n_chunks, chunk_bytes, flat, region)
+        snap = _Snapshot(version, header, n_chunks, chunk_bytes, flat)
         with self._cond:
             previous, self._latest = self._latest, snap
             if previous is not None:
                 self._retired = [previous, *self._retired[:_SPARE_SNAPSHOTS - 1]]
             self._wake_tx.send(b"")
 
-    def _buffers(self, flat_bytes: int, region_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory for a snapshot: that of a retired version no transfer streams and ZeroMQ no longer reads,
-        else new. Refilling warm memory avoids first-touch page faults, which cost as much as the copies."""
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A flat buffer for a snapshot: that of a retired version no transfer streams and ZeroMQ no longer
+        reads, else new. Refilling warm memory avoids first-touch page faults, which cost as much as the copy."""
         with self._cond:
             busy = {id(p.transfer) for p in self._peers.values()}
             for i, old in enumerate(self._retired):
-                if (old.flat.numel() == flat_bytes and old.region.numel() == region_bytes and id(old) not in busy
-                        and all(t.done for t in old.trackers)):
+                if old.flat.numel() == nbytes and id(old) not in busy and all(t.done for t in old.trackers):
                     del self._retired[i]
-                    return old.flat, old.region
-        return torch.empty(flat_bytes, dtype=torch.uint8), torch.empty(region_bytes, dtype=torch.uint8)
+                    return old.flat
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def wait_delivered(self, version: int, timeout_s: float, min_peers: int = 1) -> None:
         deadline = time.monotonic() + timeout_s
@@ -278,8 +266,12 @@ class ZmqWeightPublisher(WeightPublisher):
                     break
             if self._sock in events:
                 while self._sock.poll(0):
-                    identity, frame = self._sock.recv_multipart(copy=False)
-                    self._on_message(identity.bytes, frame.buffer)
+                    identity, *frames = self._sock.recv_multipart(copy=False)
+                    if len(frames) == 1:
+                        self._on_message(identity.bytes, frames[0].buffer)
+                    else:  # actors send single-frame messages only
+                        error = ProtocolError("malformed", f"a message of {len(frames)} frames from an actor")
+                        self._fail(identity.bytes, error, reply=ErrorMsg(code=error.reason, message=str(error)))
             self._service_peers()
         bye = encode(Shutdown(sender="learner", reason="publisher closed"))
         for peer in list(self._peers.values()):
@@ -357,7 +349,7 @@ class ZmqWeightPublisher(WeightPublisher):
 
     def _start(self, peer: _Peer) -> None:
         snap = peer.transfer
-        if self._send(peer, snap.header):
+        if self._send(peer, [snap.header]):
             if snap.n_chunks:
                 self._pump(peer)
             else:
@@ -366,12 +358,12 @@ class ZmqWeightPublisher(WeightPublisher):
     def _pump(self, peer: _Peer) -> None:
         snap = peer.transfer
         while snap is not None and peer.sent < snap.n_chunks and peer.sent - peer.acked < self.cfg.window:
-            frame = snap.frame(peer.sent)
-            if not self._send(peer, frame, snap.trackers):
+            header, payload = snap.chunk(peer.sent)
+            if not self._send(peer, [header, payload], snap.trackers):
                 return
             peer.sent += 1
             peer.last_progress = time.monotonic()
-            self.bytes_sent += len(frame)
+            self.bytes_sent += len(header) + len(payload)
 
     def _complete(self, peer: _Peer) -> None:
         with self._cond:
@@ -380,10 +372,11 @@ class ZmqWeightPublisher(WeightPublisher):
             self.transfers_done += 1
             self._cond.notify_all()
 
-    def _send(self, peer: _Peer, frame: bytes | memoryview, trackers: list | None = None) -> bool:
-        """Send one frame to a peer; a timeout or a vanished peer drops it (and returns False)."""
+    def _send(self, peer: _Peer, frames: list[bytes | memoryview], trackers: list | None = None) -> bool:
+        """Send one message (its frames) to a peer; a timeout or a vanished peer drops it (and returns False).
+        With `trackers`, the tracker of the last frame (a payload, sent zero-copy) is added to them."""
         try:
-            tracker = send_or_timeout(self._sock, [peer.identity, frame], f"weights to {peer.name}",
+            tracker = send_or_timeout(self._sock, [peer.identity, *frames], f"weights to {peer.name}",
                                       track=trackers is not None)
             if trackers is not None:
                 trackers.append(tracker)

@@ -3,8 +3,10 @@
 Actors -> buffer: `SubtreeMsg` (a piece of a tree, keyed for idempotent at-least-once delivery),
 answered by `Ack`. Learner -> actors: `WeightHeader` then `WeightChunk`s of one policy version
 (safetensors layout: the header lists each tensor's dtype, shape and byte range in one flat
-buffer that the chunks carry in order). Control: `Hello`, `Heartbeat`, `Shutdown`; `ErrorMsg`
-tells a peer why its message was refused. Actors -> buffer: `PromptRequest`, answered by
+buffer that the chunks carry in order). Every message is one ZeroMQ frame, except `WeightChunk`:
+its payload bytes travel out of band, as a second frame of the same multipart message, so that
+neither side copies them through msgpack (see `WeightChunk`). Control: `Hello`, `Heartbeat`,
+`Shutdown`; `ErrorMsg` tells a peer why its message was refused. Actors -> buffer: `PromptRequest`, answered by
 `PromptGrant` (prompt leases, which are also the admission permits); an actor's `Heartbeat`
 keeps its leases alive. The buffer answers a piece it cannot take yet with
 `Ack(ok=False, reason="backpressure")`: the actor keeps it and re-sends later.
@@ -65,9 +67,20 @@ class WeightHeader:
 
 @dataclass
 class WeightChunk:
+    """Chunk `index` of version `version`: bytes [offset, offset + nbytes) of the flat buffer.
+
+    Out-of-band payload: the bytes themselves are NOT a field. On the wire a chunk is a two-frame
+    ZeroMQ multipart message `[encode(WeightChunk), payload]`, where payload is exactly `nbytes` raw
+    bytes (sent zero-copy from the learner's flat buffer, received straight into the actor's). A
+    receiver refuses (ProtocolError) a chunk without its payload frame, a payload whose length is
+    not `nbytes`, an extra frame after any message, and a chunk whose index or byte range lies
+    outside its `WeightHeader` (`protocol.weight_layout.check_chunk`).
+    """
+
     version: int
     index: int
-    data: bytes
+    offset: int
+    nbytes: int
 
 
 @dataclass

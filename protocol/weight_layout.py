@@ -6,6 +6,8 @@ and byte length. As safetensors does, tensors are placed in order of decreasing 
 every tensor starts at a multiple of its element size (the receiver views the buffer without
 copies); the header lists them in the state dict's own order. The buffer travels as `n_chunks`
 chunks, in order: chunk i starts where chunk i-1 ended (all but the last have the sender's chunk size).
+Each `WeightChunk` names its byte range (offset, nbytes); its payload is the message's second frame
+(`protocol.messages.WeightChunk`), which `check_chunk` validates before any byte is written.
 `flatten_into` writes the buffer, `unflatten` views it as tensors again.
 
 Imports torch; `protocol/__init__` does not import this module, so the codec stays torch-free.
@@ -18,7 +20,7 @@ import math
 import torch
 
 from protocol.errors import ProtocolError
-from protocol.messages import TensorMeta, WeightHeader
+from protocol.messages import TensorMeta, WeightChunk, WeightHeader
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -92,6 +94,25 @@ def check_header(header: WeightHeader) -> None:
         raise ProtocolError("malformed", f"weights v{header.version}: tensors cover {end} of {header.total_bytes} bytes")
     if len({m.name for m in header.tensors}) != len(header.tensors):
         raise ProtocolError("malformed", f"weights v{header.version}: duplicate tensor names")
+
+
+def check_chunk(header: WeightHeader, chunk: WeightChunk, payload_nbytes: int, due_index: int, due_offset: int) -> None:
+    """Raise ProtocolError unless `chunk` of `header`'s version is the one due (index `due_index`, starting at
+    byte `due_offset`), its payload frame holds exactly `chunk.nbytes` bytes, and its range lies inside the
+    buffer, the last chunk ending where the buffer ends."""
+    where = f"weights v{header.version} chunk {chunk.index}"
+    if payload_nbytes != chunk.nbytes:
+        raise ProtocolError("malformed", f"{where}: a payload frame of {payload_nbytes} B, the chunk says {chunk.nbytes}")
+    if chunk.index != due_index or chunk.offset != due_offset:
+        raise ProtocolError("malformed", f"{where} at byte {chunk.offset}: chunk {due_index} at byte {due_offset} was due")
+    if not 0 <= chunk.index < header.n_chunks:
+        raise ProtocolError("malformed", f"{where}: index out of range (n_chunks={header.n_chunks})")
+    end = chunk.offset + chunk.nbytes
+    if chunk.nbytes <= 0 or end > header.total_bytes:
+        raise ProtocolError("malformed", f"{where}: bytes [{chunk.offset}, {end}) outside [0, {header.total_bytes})")
+    if (chunk.index == header.n_chunks - 1) != (end == header.total_bytes):
+        raise ProtocolError("malformed", f"{where}: ends at byte {end}; only the last of {header.n_chunks} chunks "
+                            f"ends at {header.total_bytes}")
 
 
 def unflatten(header: WeightHeader, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ class WeightsConfig(Section):
     address: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ address the learner binds (ROUTER) and "
                          "actors connect to; a bind may use tcp://*:PORT, or PORT * for any free port.")
     chunk_bytes: int = Field(1024 * 1024, gt=0, description="Bytes of the flat weight buffer per WeightChunk "
-                             "(1 MiB: msgpack packs and unpacks chunks of this size several times faster than 8 MiB).")
+                             "(its payload frame); window x chunk_bytes bounds the bytes queued per actor.")
     window: int = Field(16, gt=0, description="Chunks a learner sends one actor before that actor acknowledges "
                         "(credit window; bounds the bytes queued per actor).")
     send_timeout_s: float = Field(30.0, gt=0, description="A send that cannot proceed, or an actor that returns no "

@@ -271,7 +271,7 @@ def _malformed(i: int, big: bytes) -> list[bytes]:
         lambda: [encode(SubtreeMsg(key=f"x/{i}", actor_id="evil", seq=0, tree=good, final=True, n_pieces=0))],
         lambda: [big],
         lambda: [b"frame one", b"frame two"],
-        lambda: [encode(WeightChunk(version=i, index=0, data=b"x"))],
+        lambda: [encode(WeightChunk(version=i, index=0, offset=0, nbytes=1))],
         lambda: [encode(SubtreeMsg(key="k", actor_id="evil", seq=0, tree=good))[:-7]],
     ]
     return kinds[i % len(kinds)]()

@@ -66,7 +66,8 @@ messages = st.one_of(
                                          shape=st.lists(st.integers(0, 4096), max_size=3),
                                          offset=st.integers(0, 2**40), nbytes=st.integers(0, 2**32)), max_size=4),
               total_bytes=st.integers(0, 2**40), n_chunks=st.integers(0, 1000)),
-    st.builds(WeightChunk, version=st.integers(0, 10**6), index=st.integers(0, 1000), data=st.binary(max_size=200)),
+    st.builds(WeightChunk, version=st.integers(0, 10**6), index=st.integers(0, 1000), offset=st.integers(0, 2**40),
+              nbytes=st.integers(0, 2**32)),
     st.builds(Hello, sender=names, role=st.sampled_from(["actor", "learner", "buffer"]), pid=st.integers(0, 2**22),
               info=st.dictionaries(names, st.text(max_size=8), max_size=3)),
     st.builds(Heartbeat, sender=names, policy_version=st.integers(-1, 100), unix_time=st.floats(0, 2e9)),
@@ -99,7 +100,7 @@ def golden_messages():
         "ack": Ack(key="t0/0", ok=False, reason="stale"),
         "weight_header": WeightHeader(run_id="run", version=7, tensors=[
             TensorMeta(name="lm_head.weight", dtype="F32", shape=[4, 2], offset=0, nbytes=32)], total_bytes=32, n_chunks=1),
-        "weight_chunk": WeightChunk(version=7, index=0, data=bytes(range(32))),
+        "weight_chunk": WeightChunk(version=7, index=1, offset=16, nbytes=16),  # payload: a second frame
         "hello": Hello(sender="actor-0", role="actor", pid=42, host="h", policy_version=3, info={"engine": "vllm"}),
         "heartbeat": Heartbeat(sender="actor-0", policy_version=3, unix_time=1.5),
         "shutdown": Shutdown(sender="learner", reason="done"),

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save
 
 from protocol.errors import ProtocolError
-from protocol.messages import TensorMeta, WeightHeader
-from protocol.weight_layout import check_header, flatten_into, plan_layout, unflatten
+from protocol.messages import TensorMeta, WeightChunk, WeightHeader
+from protocol.weight_layout import check_chunk, check_header, flatten_into, plan_layout, unflatten
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -81,3 +81,29 @@ def header(*tensors, total):
 def test_bad_headers_are_refused(bad, match):
     with pytest.raises(ProtocolError, match=match):
         check_header(bad)
+
+
+# 40 bytes in 3 chunks of 16, 16 and 8 bytes
+FORTY = WeightHeader(run_id="r", version=5, tensors=[TensorMeta("w", "F32", [10], 0, 40)], total_bytes=40, n_chunks=3)
+
+
+def test_chunks_in_order_with_matching_payloads_pass():
+    for index, offset, nbytes in ((0, 0, 16), (1, 16, 16), (2, 32, 8)):
+        check_chunk(FORTY, WeightChunk(version=5, index=index, offset=offset, nbytes=nbytes), nbytes, index, offset)
+
+
+@pytest.mark.parametrize("chunk,payload,due,match", [
+    (WeightChunk(5, 0, 0, 16), 15, (0, 0), "payload frame of 15 B, the chunk says 16"),
+    (WeightChunk(5, 0, 0, 16), 17, (0, 0), "payload frame of 17 B"),
+    (WeightChunk(5, 2, 32, 8), 8, (1, 16), "chunk 1 at byte 16 was due"),  # one skipped
+    (WeightChunk(5, 1, 20, 16), 16, (1, 16), "chunk 1 at byte 16 was due"),  # a gap
+    (WeightChunk(5, 3, 40, 8), 8, (3, 40), "index out of range"),
+    (WeightChunk(5, -1, 0, 16), 16, (-1, 0), "index out of range"),
+    (WeightChunk(5, 2, 32, 16), 16, (2, 32), r"bytes \[32, 48\) outside \[0, 40\)"),
+    (WeightChunk(5, 0, 0, 0), 0, (0, 0), "outside"),  # an empty chunk
+    (WeightChunk(5, 1, 16, 24), 24, (1, 16), "only the last of 3 chunks ends at 40"),  # ends early on chunk 1
+    (WeightChunk(5, 2, 32, 4), 4, (2, 32), "ends at byte 36"),  # the last chunk leaves bytes out
+])
+def test_bad_chunks_are_refused(chunk, payload, due, match):
+    with pytest.raises(ProtocolError, match=match):
+        check_chunk(FORTY, chunk, payload, *due)

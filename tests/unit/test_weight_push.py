@@ -1,3 +1,4 @@
+import re
 import time
 
 import pytest
@@ -8,7 +9,9 @@ from actors.weight_receiver import WeightReceiveError, ZmqWeightSubscriber
 from learner.weight_push import WeightSendTimeout, ZmqWeightPublisher, send_or_timeout
 from protocol.codec import decode, encode
 from protocol.config.weights import WeightsConfig
-from protocol.messages import Ack, ErrorMsg, Hello, Shutdown, WeightChunk, WeightHeader
+from protocol.errors import ProtocolError
+from protocol.messages import Ack, ErrorMsg, Hello, Shutdown, TensorMeta, WeightChunk, WeightHeader
+from protocol.weight_layout import flatten_into, plan_layout
 
 
 def small_model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -51,14 +54,23 @@ class RawActor:
         self.sock.linger = 0
         self.sock.connect(address)
         self.name = name
+        self.payloads: dict[tuple[int, int], bytes] = {}
 
     def send(self, msg):
         self.sock.send(encode(msg))
 
     def recv(self, timeout_ms=2000):
+        """The next message; a WeightChunk's payload frame is checked against it and kept in `payloads`."""
         if not self.sock.poll(timeout_ms):
             return None
-        return decode(self.sock.recv())
+        first, *rest = self.sock.recv_multipart()
+        msg = decode(first)
+        if isinstance(msg, WeightChunk):
+            assert len(rest) == 1 and len(rest[0]) == msg.nbytes
+            self.payloads[(msg.version, msg.index)] = rest[0]
+        else:
+            assert rest == []
+        return msg
 
     def close(self):
         self.sock.close()
@@ -104,6 +116,27 @@ def test_slow_actor_gets_the_version_in_flight_then_only_the_newest(publisher):
         actor.send(Ack(key=f"4/{i}"))
     assert actor.recv(timeout_ms=300) is None
     wait_until(lambda: pub.peers() == {"slow": 4})
+    actor.close()
+
+
+def test_chunk_payloads_are_second_frames_holding_the_flat_buffer(publisher):
+    sd = small_model()  # 64*32*2 + 32*96*4 + 32*2 + 64*4 = 16704 bytes: 16 chunks of 1000 and one of 704
+    metas, total = plan_layout(sd)
+    flat = torch.empty(total, dtype=torch.uint8)
+    flatten_into(sd, metas, flat)
+    pub = publisher(chunk_bytes=1000, window=2)
+    actor = RawActor(pub.address)
+    actor.send(Hello(sender="raw", role="actor", policy_version=-1))
+    pub.publish(1, sd)
+    header = actor.recv()
+    assert isinstance(header, WeightHeader) and (header.total_bytes, header.n_chunks) == (16704, 17)
+    for i in range(17):
+        chunk = actor.recv()
+        assert chunk == WeightChunk(version=1, index=i, offset=1000 * i, nbytes=704 if i == 16 else 1000)
+        actor.send(Ack(key=f"1/{i}"))
+    assert b"".join(actor.payloads[(1, i)] for i in range(17)) == flat.numpy().tobytes()
+    wait_until(lambda: pub.peers() == {"raw": 1})
+    assert pub.bytes_sent > 16704 and not pub.failures
     actor.close()
 
 
@@ -177,6 +210,54 @@ def test_a_malformed_message_is_refused_and_the_publisher_goes_on(publisher):
         pub.wait_delivered(1, timeout_s=5)
         assert sub.poll_latest()[0] == 1
     bad.close()
+
+
+def test_a_multipart_message_from_an_actor_is_refused_and_the_publisher_goes_on(publisher):
+    pub = publisher()
+    bad = RawActor(pub.address)
+    bad.sock.send_multipart([encode(Hello(sender="bad", role="actor")), b"extra"])
+    reply = bad.recv()
+    assert isinstance(reply, ErrorMsg) and reply.code == "malformed" and "2 frames" in reply.message
+    assert pub.peers() == {} and len(pub.failures) == 1
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "good") as sub:
+        pub.publish(1, small_model())
+        pub.wait_delivered(1, timeout_s=5)
+        assert sub.poll_latest()[0] == 1
+    bad.close()
+
+
+SIXTEEN = WeightHeader(run_id="", version=1, tensors=[TensorMeta("w", "F32", [4], 0, 16)], total_bytes=16, n_chunks=2)
+
+
+@pytest.mark.parametrize("messages,match", [
+    ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8)), bytes(7)]], "payload frame of 7 B, the chunk says 8"),
+    ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8))]], r"WeightChunk in 1 frame\(s\)"),
+    ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8)), bytes(8), b"more"]], r"WeightChunk in 3 frame\(s\)"),
+    ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8)), bytes(8)], [encode(WeightChunk(1, 1, 8, 16)), bytes(16)]],
+     "outside"),
+    ([[encode(SIXTEEN), bytes(16)]], r"WeightHeader with 1 extra frame\(s\)"),
+])
+def test_subscriber_refuses_bad_chunk_frames(messages, match):
+    """A hand-driven learner sends a valid header and then chunk frames that break the framing rules."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    with ZmqWeightSubscriber(WeightsConfig(address=f"tcp://127.0.0.1:{port}"), "a0") as sub:
+        identity, hello = router.recv_multipart()
+        assert isinstance(decode(hello), Hello)
+        for frames in messages:
+            router.send_multipart([identity, *frames])
+        deadline = time.monotonic() + 5
+        with pytest.raises(WeightReceiveError) as e:
+            while time.monotonic() < deadline:
+                assert sub.poll_latest() is None
+                time.sleep(0.01)
+        cause = e.value.__cause__
+        assert isinstance(cause, ProtocolError) and cause.reason == "malformed" and re.search(match, str(cause))
+        assert sub.versions_received == []
+    router.close()
+    ctx.term()
 
 
 def test_subscriber_surfaces_a_foreign_run(publisher):
