@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ from actors.weight_receiver import ZmqWeightSubscriber
 from buffer.client import BufferClient
 from learner.metrics_sink import MetricsSink
 from models import materialise_model
-from protocol.config.pipeline import PipelineConfig, load_config
+from protocol.config.pipeline import PipelineConfig
 from protocol.messages import PromptLease
+from protocol.role_process import add_config_argument, start_role
 
 log = logging.getLogger("treepo.actor")
 
@@ -119,17 +119,13 @@ class ActorLoop:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (defaults when omitted)")
+    add_config_argument(p)
     p.add_argument("--actor-id", default="actor-0", help="unique name of this actor (its ZeroMQ identity)")
 
 
 def run(args: argparse.Namespace) -> int:
     """`treepo actor`: grow trees until SIGTERM/SIGINT, then flush unacknowledged pieces and leave."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(args.config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    cfg, stop = start_role(args)
     model_dir = materialise_model(cfg.model, Path(cfg.run.output_dir) / "model")
     loop = ActorLoop(cfg, args.actor_id, model_dir, stop)
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from buffer.prompt_feed import PromptFeed
 from buffer.redis_server import connect
 from buffer.store import TreeStore, min_version
 from protocol.codec import decode, encode
-from protocol.config.pipeline import PipelineConfig, load_config
+from protocol.config.pipeline import PipelineConfig
 from protocol.errors import ProtocolError
 from protocol.messages import (
     Ack,
@@ -44,6 +43,7 @@ from protocol.messages import (
     PromptRequest,
     SubtreeMsg,
 )
+from protocol.role_process import add_config_argument, start_role
 from protocol.security import secure_server, stop_authenticator
 
 log = logging.getLogger("treepo.buffer")
@@ -223,16 +223,12 @@ class BufferService:
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (defaults when omitted)")
+    add_config_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """`treepo buffer`: serve until SIGTERM/SIGINT; an embedded Redis (if any) is shut down on the way out."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(args.config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    cfg, stop = start_role(args)
     with connect(cfg) as handle:
         service = BufferService(cfg, handle.client)
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -41,8 +40,9 @@ from learner.metrics_sink import MetricsSink
 from learner.weight_push import ZmqWeightPublisher
 from models import materialise_model
 from protocol.codec import decode, encode
-from protocol.config.pipeline import PipelineConfig, load_config
+from protocol.config.pipeline import PipelineConfig
 from protocol.messages import SubtreeMsg
+from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
 
 log = logging.getLogger("treepo.learner")
@@ -167,16 +167,12 @@ class LearnerLoop:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (defaults when omitted)")
+    add_config_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """`treepo learner`: train until learner.max_steps or SIGTERM/SIGINT (then checkpoint and export)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(args.config)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    cfg, stop = start_role(args)
     model_dir = materialise_model(cfg.model, Path(cfg.run.output_dir) / "model")
     loop = LearnerLoop(cfg, model_dir, stop)
     try:
