@@ -3,13 +3,19 @@ asynchronous, started by `treepo up` on the cpu-tiny task (reward = fraction of 
 of the completion, actors/toy_tasks.py, which the tiny random model learns within tens of steps).
 
 Checks: the learner makes >= 20 steps; the stored trees carry >= 3 distinct policy versions (the
-actors applied pushed weights while generating); the stored trees replay into a learner step
-without actors; the mean reward of the last 5 steps beats the first 5 by more than 0.1.
+actors applied pushed weights while generating); the stored trees replay; the mean reward of the
+last 5 steps beats the first 5 by more than 0.1. While it trains, actors come and go: an extra
+actor joins (started by hand against the run's config) and later stops, and one of `up`'s actors
+is killed with SIGKILL (its leased prompts go back to the queue when the lease expires); the
+learner keeps going to its last step.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +40,46 @@ def run_dir(tmp_path_factory) -> Path:
     cfg["learner"].update(max_steps=STEPS, checkpoint_every=STEPS)
     cfg["buffer"]["ingest_address"] = "tcp://127.0.0.1:0"  # `up` picks free ports
     cfg["weights"] = {"address": "tcp://127.0.0.1:0"}
+    cfg["buffer"]["lease_seconds"] = 10
     path = out / "e2e.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    done = subprocess.run([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = open(out / "up.log", "w")
+    up = subprocess.Popen([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)], cwd=ROOT,
+                          stdout=log, stderr=subprocess.STDOUT)
+    wait_for_step(out, 4, up)
+    joiner = subprocess.Popen([sys.executable, "-m", "launcher.cli", "actor", "--config", str(out / "config.yaml"),
+                               "--actor-id", "actor-late"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wait_for_step(out, 10, up)
+    os.kill(actor_pid(out, "actor-1"), signal.SIGKILL)
+    joiner.send_signal(signal.SIGTERM)
+    assert joiner.wait(timeout=120) == 0
+    assert up.wait(timeout=900) == 0, (out / "up.log").read_text()[-4000:]
     return out
+
+
+def wait_for_step(out: Path, step: int, up: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while learner_steps(out) < step:
+        assert up.poll() is None and time.monotonic() < deadline, (out / "up.log").read_text()[-4000:]
+        time.sleep(1)
+
+
+def learner_steps(out: Path) -> int:
+    path = out / "metrics" / "learner.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def actor_pid(out: Path, actor_id: str) -> int:
+    """The pid of `up`'s actor process `actor_id` (found by its command line)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if b"actor" in argv and actor_id.encode() in argv and str(out / "config.yaml").encode() in argv:
+                return int(proc.name)
+    raise AssertionError(f"no process for {actor_id}")
 
 
 def test_learner_trains_on_fresh_weights_and_reward_rises(run_dir):
@@ -51,6 +91,12 @@ def test_learner_trains_on_fresh_weights_and_reward_rises(run_dir):
     assert max(r["staleness_max"] for r in rows) <= 2  # buffer.max_staleness of cpu-tiny
     assert (run_dir / "reward.png").stat().st_size > 0
     assert (run_dir / "export" / "model.safetensors").exists()
+
+
+def test_actors_joined_and_left_while_the_learner_went_on(run_dir):
+    late = [json.loads(line) for line in (run_dir / "metrics" / "actor-late.jsonl").read_text().splitlines()]
+    assert sum(r["trees"] for r in late) > 0  # the late actor's trees were accepted
+    assert "actor-1 exited (-9)" in (run_dir / "up.log").read_text()
 
 
 def test_stored_trees_carry_versions_and_replay(run_dir):
