@@ -83,8 +83,8 @@ class ActorLoop:
 
     def run(self) -> None:
         rounds = 0
+        t0 = time.perf_counter()  # waiting for a grant (admission, back-pressure) counts from here
         while not self.stop.is_set():
-            t0 = time.perf_counter()
             self.between_steps()
             grant = self.client.request_prompts(self.cfg.rollout.prompts_per_step, self.engine.policy_version)
             if not grant.leases:
@@ -108,6 +108,7 @@ class ActorLoop:
                                    "generate_s": gen_s, "wait_s": waited, "policy_version": float(self.engine.policy_version),
                                    "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
                                    "generated_tokens_per_s": delta.get("generated_tokens", 0.0) / gen_s, **delta})
+            t0 = time.perf_counter()
         self.client.flush(timeout_s=self.cfg.buffer.resend_timeout_s * 4)
 
     def close(self) -> None:

@@ -74,7 +74,7 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: str | Path, port: int | None = None, password: str = "",
                  start_timeout_s: float = 10.0):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).absolute()  # redis-server chdirs to --dir before it opens --logfile
         self.port = port or free_port()
         self.password = password
         self.start_timeout_s = start_timeout_s
