@@ -74,6 +74,23 @@ class Child:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
+class JsonlTail:
+    """The rows appended to a JSONL file since the last call (a partly written last line waits)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new_rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -154,6 +171,9 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("steps", total=cfg.learner.max_steps, info="starting (model, engines, DeepSpeed)")
         dead: set[str] = set()
+        learner_rows, actor_tails = JsonlTail(metrics_dir / "learner.jsonl"), {}
+        first = last = None
+        trees = gen_tokens = 0.0
         while learner.alive():
             try:
                 time.sleep(1.0)
@@ -161,17 +181,20 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
                 console.print("[yellow]Ctrl-C: asking the learner to checkpoint and stop")
                 os.killpg(learner.proc.pid, signal.SIGINT)
                 continue
-            rows = read_jsonl(metrics_dir / "learner.jsonl")
-            actor_rows = [r for p in metrics_dir.glob("actor-*.jsonl") for r in read_jsonl(p)]
+            # only what was appended since the last look: a week-long run must not re-read its history
+            for row in learner_rows.new_rows():
+                first, last = first or row, row
+                trees += row["trees"]
+            for path in metrics_dir.glob("actor-*.jsonl"):
+                tail = actor_tails.setdefault(path, JsonlTail(path))
+                gen_tokens += sum(r.get("generated_tokens", 0.0) for r in tail.new_rows())
             for name, child in children.items():
                 if name != "learner" and not child.alive() and name not in dead:
                     dead.add(name)
                     console.print(f"[red]{name} exited ({child.proc.returncode}); last lines:\n{child.tail(10)}")
-            if rows:
-                last = rows[-1]
-                gen_tokens = sum(r.get("generated_tokens", 0.0) for r in actor_rows)
-                elapsed = max(1e-9, last["time"] - rows[0]["time"] + rows[0]["iteration_s"])
-                info = (f"reward {last['reward_mean']:+.3f}  trees/s {sum(r['trees'] for r in rows) / elapsed:.2f}  "
+            if last is not None:
+                elapsed = max(1e-9, last["time"] - first["time"] + first["iteration_s"])
+                info = (f"reward {last['reward_mean']:+.3f}  trees/s {trees / elapsed:.2f}  "
                         f"gen tok/s {gen_tokens / elapsed:.0f}  train tok/s {last['tokens_per_s']:.0f}  "
                         f"staleness {last['staleness_mean']:.1f}  versions {int(last['tree_version_min'])}.."
                         f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%")
