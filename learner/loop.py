@@ -108,8 +108,7 @@ class LearnerLoop:
             store.set_learner_version(self.learner.policy_version)
             self.publisher = ZmqWeightPublisher(cfg.weights, cfg.security, run_id=cfg.run.run_id)
             self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port)
-        if self.learner.policy_version > 0:  # resumed: actors started from the base weights must catch up
-            self._publish()
+        self._publish()
 
     def _publish(self) -> None:
         state = self.learner.state_dict_for_push()  # collective under ZeRO-3
