@@ -173,11 +173,10 @@ class BufferService:
             self._drop(pipe, replies, sender, "n_pieces", f"final piece {msg.key!r} says n_pieces={msg.n_pieces}")
             return
         whole = msg.final and msg.n_pieces == 1
-        index = len(pipe)
         if whole:
-            self.store.store_whole(tree.tree_id, raw, min_version(tree), pipe=pipe)
+            index = self.store.queue_whole(pipe, tree.tree_id, raw, min_version(tree))
         else:
-            self.store.store_piece(tree.tree_id, msg.key, raw, msg.n_pieces if msg.final else 0, pipe=pipe)
+            index = self.store.queue_piece(pipe, tree.tree_id, msg.key, raw, msg.n_pieces if msg.final else 0)
         pending.append(_Pending(sender, msg, whole, index))
 
     def _piece_ack(self, p: _Pending, result) -> Ack:

@@ -2,23 +2,26 @@
 
 Wire format (schema version SCHEMA_VERSION = (major, minor)):
 
-    msgpack array [major, minor, type_name, body]
+    u32 little-endian H | H bytes: msgpack array [major, minor, type_name, body] | zero padding to a
+    multiple of 8 bytes from the message start | arena: the raw bytes of every array of the message
 
 `body` is a map of the message's fields; nested dataclasses are maps too. A (1-D) numpy array
-travels as the msgpack array `[dtype_code, bin]` where bin holds the raw little-endian bytes and
-dtype_code indexes `_DTYPES`: no per-element encoding, the encoder packs straight from the
-array's memory, and the decoder makes a zero-copy view (read-only arrays) where the schema
-expects an array of that dtype. Nothing is ever pickled.
+travels as a msgpack ext of type 1 holding `<BQQ` (dtype_code, offset, nbytes): its little-endian
+bytes lie at `offset` (a multiple of 8) in the arena, and dtype_code indexes `_DTYPES`. So the
+encoder copies an array's memory once (into the message) with no per-element work, and the
+decoder returns read-only numpy views of the received buffer: msgpack only parses the small
+header, the array bytes are neither copied nor touched. Nothing is ever pickled.
 
-Decoding untrusted bytes raises only `ProtocolError`: unknown major version, unknown message
-type, malformed msgpack, a field of the wrong type or dtype, or a size over `Limits`. A minor
-version bump may add fields with defaults; a decoder of the same major ignores fields it does not
-know, and fills the defaults of fields the sender did not have.
+Decoding untrusted bytes raises only `ProtocolError`: a bad frame, unknown major version, unknown
+message type, malformed msgpack, an array outside the arena, a field of the wrong type or dtype,
+or a size over `Limits`. A minor version bump may add fields with defaults; a decoder of the same
+major ignores fields it does not know, and fills the defaults of fields the sender did not have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import struct
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +35,11 @@ from protocol.errors import ProtocolError
 from protocol.messages import MESSAGE_TYPES, WIRE_NAME
 from protocol.tree import SEGMENT_FINISHES, STOP_REASONS, Tree
 
-SCHEMA_VERSION = (1, 0)
+SCHEMA_VERSION = (2, 0)
+_ARRAY_EXT = 1  # msgpack ext type of an array reference into the arena
+_ARRAY_REF = struct.Struct("<BQQ")  # dtype code, offset in the arena, nbytes
+_ALIGN = 8
+_PAD = bytes(_ALIGN)
 _DTYPES = [np.dtype(t).newbyteorder("<") for t in
            ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "float16", "float32", "float64")]
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
@@ -49,37 +56,24 @@ class Limits:
     max_str_bytes: int = 4 * 1024 * 1024
 
 
-def _pack_array(arr: np.ndarray) -> list:
+def _array_bytes(arr: np.ndarray) -> tuple[int, memoryview]:
     code = _NUM_CODE.get(arr.dtype.num)
     if code is None or arr.ndim != 1:
         raise ProtocolError("dtype", f"cannot encode a {arr.ndim}-D {arr.dtype} array (1-D, dtypes {_DTYPES})")
     if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=_DTYPES[code])
-    return [code, arr.data.cast("B")]
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return _pack_array(obj)
-    if dataclasses.is_dataclass(obj):
-        return {k: getattr(obj, k) for k in _field_names(type(obj))}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise ProtocolError("type", f"cannot encode {type(obj).__name__}")
+    return code, arr.data.cast("B")
 
 
 def _array_decoder(dtype: np.dtype) -> Callable[[Any, Any], np.ndarray]:
-    want = _DTYPE_CODE[dtype.newbyteorder("<")]
-    itemsize = dtype.itemsize
+    dtype = dtype.newbyteorder("<")
 
     def array(v: Any, where: Any) -> np.ndarray:
-        if type(v) is not list or len(v) != 2 or type(v[1]) is not bytes:
-            raise ProtocolError("type", f"{_loc(where)}: expected an array [dtype, bytes], got {_describe(v)}")
-        if v[0] != want or type(v[0]) is not int:
-            raise ProtocolError("dtype", f"{_loc(where)}: expected dtype {dtype}, got code {v[0]!r}")
-        if len(v[1]) % itemsize:
-            raise ProtocolError("malformed", f"{_loc(where)}: {len(v[1])} bytes is not a whole number of {dtype}")
-        return np.frombuffer(v[1], dtype=dtype)
+        if type(v) is not np.ndarray:
+            raise ProtocolError("type", f"{_loc(where)}: expected an array, got {_describe(v)}")
+        if v.dtype != dtype:
+            raise ProtocolError("dtype", f"{_loc(where)}: expected dtype {dtype}, got {v.dtype}")
+        return v
     return array
 
 
@@ -88,21 +82,60 @@ def encode(msg: Any) -> bytes:
     name = WIRE_NAME.get(type(msg))
     if name is None:
         raise ProtocolError("type", f"{type(msg).__name__} is not a protocol message")
-    return msgpack.packb([SCHEMA_VERSION[0], SCHEMA_VERSION[1], name, msg], default=_default,
-                         use_bin_type=True)
+    arena: list[bytes | memoryview] = []
+    size = 0
+
+    def default(obj: Any) -> Any:
+        nonlocal size
+        if isinstance(obj, np.ndarray):
+            code, data = _array_bytes(obj)
+            ref = msgpack.ExtType(_ARRAY_EXT, _ARRAY_REF.pack(code, size, len(data)))
+            pad = -len(data) % _ALIGN
+            arena.extend((data, _PAD[:pad]))
+            size += len(data) + pad
+            return ref
+        if dataclasses.is_dataclass(obj):
+            return {k: getattr(obj, k) for k in _field_names(type(obj))}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise ProtocolError("type", f"cannot encode {type(obj).__name__}")
+
+    header = msgpack.packb([SCHEMA_VERSION[0], SCHEMA_VERSION[1], name, msg], default=default, use_bin_type=True)
+    return b"".join((len(header).to_bytes(4, "little"), header, _PAD[:-(4 + len(header)) % _ALIGN], *arena))
 
 
-def decode(data: bytes, limits: Limits = Limits()) -> Any:
-    """Parse and validate one message; raises only ProtocolError."""
+def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Any:
+    """Parse and validate one message; raises only ProtocolError. Its arrays are views of `data`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("type", f"expected bytes, got {type(data).__name__}")
     if len(data) > limits.max_message_bytes:
         raise ProtocolError("too_large", f"{len(data)} bytes > max_message_bytes={limits.max_message_bytes}")
+    view = memoryview(data).cast("B")
+    if len(view) < 4:
+        raise ProtocolError("malformed", f"a {len(view)}-byte message has no header length")
+    n_header = int.from_bytes(view[:4], "little")
+    start = 4 + n_header + (-(4 + n_header) % _ALIGN)
+    if start > len(view):
+        raise ProtocolError("malformed", f"a {len(view)}-byte message cannot hold a {n_header}-byte header")
+    arena = view[start:]
+
+    def array(code: int, ref: bytes) -> np.ndarray:
+        if code != _ARRAY_EXT or len(ref) != _ARRAY_REF.size:
+            raise ProtocolError("malformed", f"unknown msgpack ext type {code} ({len(ref)} bytes)")
+        dtype_code, offset, nbytes = _ARRAY_REF.unpack(ref)
+        if dtype_code >= len(_DTYPES):
+            raise ProtocolError("dtype", f"unknown dtype code {dtype_code}")
+        dtype = _DTYPES[dtype_code]
+        if offset + nbytes > len(arena) or nbytes % dtype.itemsize:
+            raise ProtocolError("malformed", f"array of {nbytes} bytes at {offset}: not whole {dtype} items "
+                                             f"inside the {len(arena)}-byte arena")
+        return np.frombuffer(arena, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+
     try:
         env = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limits.max_str_bytes, max_bin_len=limits.max_message_bytes,
-            max_ext_len=0, max_array_len=4 * limits.max_nodes + 16,
+            view[4:4 + n_header], raw=False, strict_map_key=True, use_list=True, ext_hook=array,
+            max_str_len=limits.max_str_bytes, max_bin_len=limits.max_str_bytes,
+            max_ext_len=_ARRAY_REF.size, max_array_len=4 * limits.max_nodes + 16,
             max_map_len=4 * limits.max_nodes + 16,
         )
     except ProtocolError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 
+import msgpack
 import numpy as np
 
 from protocol import Leaf, SamplingSettings, Segment, SubtreeMsg, Tree
@@ -50,3 +52,16 @@ def same(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
+
+
+def frame(envelope, arena: bytes = b"") -> bytes:
+    """A message in the wire format, written here by hand from the codec's docstring (not by `encode`)."""
+    header = msgpack.packb(envelope, use_bin_type=True)
+    return struct.pack("<I", len(header)) + header + bytes(-(4 + len(header)) % 8) + arena
+
+
+def unframe(wire: bytes) -> tuple[list, bytes]:
+    """(envelope with arrays left as ExtType references, arena) of an encoded message."""
+    n = struct.unpack_from("<I", wire)[0]
+    env = msgpack.unpackb(wire[4:4 + n], ext_hook=msgpack.ExtType)
+    return env, wire[4 + n + (-(4 + n) % 8):]

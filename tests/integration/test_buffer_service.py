@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 import yaml
@@ -27,7 +26,7 @@ from protocol.config.pipeline import PipelineConfig
 from protocol.messages import SubtreeMsg, WeightChunk
 from protocol.security import generate_keypair
 from protocol.tree import Tree
-from tests.factories import example_tree, same
+from tests.factories import example_tree, frame, same
 from tests.fixtures.redis import pieces_of
 
 pytestmark = pytest.mark.integration
@@ -264,9 +263,9 @@ def _malformed(i: int, big: bytes) -> list[bytes]:
     bad_tree.seg_lens = bad_tree.seg_lens[:-1]
     kinds = [
         lambda: [np.random.default_rng(i).bytes(1 + i % 50)],
-        lambda: [msgpack.packb({"not": "an envelope", "i": i})],
-        lambda: [msgpack.packb([SCHEMA_VERSION[0] + 1, 0, "subtree", {}])],
-        lambda: [msgpack.packb([SCHEMA_VERSION[0], 0, "no_such_type", {"i": i}])],
+        lambda: [frame({"not": "an envelope", "i": i})],
+        lambda: [frame([SCHEMA_VERSION[0] + 1, 0, "subtree", {}])],
+        lambda: [frame([SCHEMA_VERSION[0], 0, "no_such_type", {"i": i}])],
         lambda: [encode(SubtreeMsg(key=f"x/{i}", actor_id="evil", seq=0, tree=bad_tree, final=True, n_pieces=1))],
         lambda: [encode(SubtreeMsg(key=f"x/{i}", actor_id="evil", seq=0, tree=good, final=True, n_pieces=0))],
         lambda: [big],

@@ -10,7 +10,7 @@ import pytest
 from buffer.client import BatchSource
 from buffer.export import export
 from buffer.replay import replay, replay_into
-from buffer.store import Prompt, TreeStore
+from buffer.store import STAGED_TTL_S, Prompt, TreeStore
 from protocol.codec import encode
 from protocol.messages import SubtreeMsg
 from protocol.tree import Tree
@@ -58,6 +58,8 @@ def test_pieces_out_of_order_assemble_into_the_tree(redis_client):
     got = store.load("t1")
     assert same(got.segments, tree.segments) and same(got.leaves, tree.leaves)
     assert redis_client.exists(store.key("pieces:t1")) == 0
+    assert redis_client.keys(store.key("piece:*")) == []  # every held piece deleted with the assembly
+    assert redis_client.keys(store.key("in:*")) == []  # every staged blob renamed into place or deleted
     assert store.store_piece("t1", p0.key, encode(p0), 0)[0] == b"duplicate"  # after completion
     c = store.counters()
     assert (c["trees_stored"], c["pieces_stored"], c["duplicate_pieces"], c["unconsumed"]) == (1, 3, 2, 1)
@@ -151,10 +153,12 @@ def test_leases_expire_back_to_the_queue_and_discard_partial_trees(redis_client)
     c = store.counters()
     assert (c["expired_leases"], c["discarded_partial_trees"], c["discarded_pieces"]) == (2, 1, 1)
     assert redis_client.exists(store.key("pieces:p0@1")) == 0
+    assert redis_client.keys(store.key("piece:*")) == []
     # the dead actor's late pieces are refused: the prompt was dealt again under a new tree id
     assert store.store_piece("p0@1", p1.key, encode(p1), 2)[0] == b"expired"
     assert store.store_whole("p1@2", whole(versioned(1, 0)), 0) == b"expired"
     assert store.counters()["refused_expired"] == 2
+    assert redis_client.keys(store.key("in:*")) == []  # refused blobs are not left behind
     again = store.lease("a1", 3, now + 100)
     assert sorted(p.prompt_id for _, p in again) == ["p0", "p1", "p2"]
     # completing a leased tree ends its lease
@@ -223,3 +227,13 @@ def test_offline_commands_on_an_embedded_redis(tmp_path, capsys):
     # stopped with SHUTDOWN: a new embedded server on the directory has the data back from the AOF
     with connect(cfg) as handle:
         assert TreeStore.from_config(handle.client, cfg).tree_ids() == ["t1", "t2", "t3"]
+
+
+def test_a_staged_blob_whose_script_never_ran_expires(redis_client):
+    store = TreeStore(redis_client, "run")
+    with redis_client.pipeline(transaction=False) as pipe:
+        staged = store._stage(pipe, whole(versioned(0, 0)))
+        pipe.execute()  # the writer dies before its store script
+    assert 0 < redis_client.ttl(staged) <= STAGED_TTL_S
+    assert store.store_whole("t0", whole(versioned(0, 0)), 0) == b"stored"
+    assert redis_client.ttl(store.key("tree:t0")) == -1  # the stored tree does not inherit the staged TTL

@@ -1,3 +1,4 @@
+import struct
 from pathlib import Path
 
 import msgpack
@@ -7,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    SCHEMA_VERSION,
     Ack,
     ErrorMsg,
     Heartbeat,
@@ -25,7 +27,7 @@ from protocol import (
     decode,
     encode,
 )
-from tests.factories import example_subtree_msg, example_tree, same
+from tests.factories import example_subtree_msg, example_tree, frame, same, unframe
 
 GOLDEN = Path(__file__).parent.parent / "golden"
 
@@ -146,18 +148,18 @@ def test_truncated_and_bitflipped_messages_raise_only_protocol_error(data):
         pass
 
 
-def _envelope(body, name="ack", major=1):
-    return msgpack.packb([major, 0, name, body], use_bin_type=True)
+def _envelope(body, name="ack", major=SCHEMA_VERSION[0]):
+    return frame([major, 0, name, body])
 
 
 def test_unknown_major_version_is_refused():
     with pytest.raises(ProtocolError) as e:
-        decode(_envelope({"key": "k"}, major=2))
+        decode(_envelope({"key": "k"}, major=SCHEMA_VERSION[0] + 1))
     assert e.value.reason == "version"
 
 
 def test_minor_version_fields_unknown_to_us_are_ignored():
-    msg = decode(msgpack.packb([1, 9, "ack", {"key": "k", "ok": True, "reason": "", "new_field": 3}]))
+    msg = decode(frame([SCHEMA_VERSION[0], 9, "ack", {"key": "k", "ok": True, "reason": "", "new_field": 3}]))
     assert msg == Ack(key="k")
 
 
@@ -186,19 +188,38 @@ def test_bad_dtype_is_refused():
     with pytest.raises(ProtocolError) as e:
         decode(encode(msg))
     assert e.value.reason == "dtype"
-    wire = encode(example_subtree_msg())
-    body = msgpack.unpackb(wire)
-    body[3]["tree"]["tokens"][0] = 99
+    env, arena = unframe(encode(example_subtree_msg()))
+    _, offset, nbytes = struct.unpack("<BQQ", env[3]["tree"]["tokens"].data)
+    env[3]["tree"]["tokens"] = msgpack.ExtType(1, struct.pack("<BQQ", 99, offset, nbytes))
     with pytest.raises(ProtocolError) as e:
-        decode(msgpack.packb(body))
+        decode(frame(env, arena))
     assert e.value.reason == "dtype"
 
 
-def test_array_of_partial_items_is_refused():
-    body = msgpack.unpackb(encode(example_subtree_msg()))
-    body[3]["tree"]["tokens"][1] += b"\0"  # 1 byte more than a whole number of int32
+@pytest.mark.parametrize("change", ["partial", "outside", "ext_type"])
+def test_array_references_outside_the_arena_or_of_partial_items_are_refused(change):
+    env, arena = unframe(encode(example_subtree_msg()))
+    code, offset, nbytes = struct.unpack("<BQQ", env[3]["tree"]["tokens"].data)
+    ref = {"partial": msgpack.ExtType(1, struct.pack("<BQQ", code, offset, nbytes - 1)),  # not whole int32s
+           "outside": msgpack.ExtType(1, struct.pack("<BQQ", code, len(arena) - 4, 8)),
+           "ext_type": msgpack.ExtType(2, struct.pack("<BQQ", code, offset, nbytes))}[change]
+    env[3]["tree"]["tokens"] = ref
     with pytest.raises(ProtocolError) as e:
-        decode(msgpack.packb(body))
+        decode(frame(env, arena))
+    assert e.value.reason == "malformed"
+
+
+def test_decoded_arrays_are_read_only_views_of_the_message():
+    wire = encode(example_subtree_msg())
+    tree = decode(wire).tree
+    assert not tree.tokens.flags.writeable and tree.tokens.base is not None
+    assert np.shares_memory(tree.tokens, np.frombuffer(wire, np.uint8))
+
+
+def test_a_header_longer_than_the_message_is_refused():
+    wire = encode(Ack(key="k"))
+    with pytest.raises(ProtocolError) as e:
+        decode(struct.pack("<I", len(wire)) + wire[4:])
     assert e.value.reason == "malformed"
 
 
