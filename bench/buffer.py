@@ -13,7 +13,12 @@ and acknowledging them. Figures:
   before and after the buffer run and averaged (the machine is shared);
   `ratio` = buffer trees/s / raw trees/s (target >= 0.5);
 - latency: one actor, one piece in flight: send -> Ack (the piece is in Redis) p50/p99 (target
-  p99 <= 10 ms), and send -> consumer holds the tree; plus send -> Ack under the full load above.
+  p99 <= 10 ms), and send -> consumer holds the tree; plus send -> Ack under the full load above;
+- CPU per tree of each process kind under the load (the service, Redis, the actors, the consumer).
+
+Each phase starts once Redis runs no AOF rewrite (the previous phase wrote ~300 MB, which schedules
+one). The bench's own processes keep freed heap memory as the role processes do
+(`protocol.role_process.retain_freed_memory`).
 
 Run: `.venv/bin/python -m bench.buffer [--actors N] [--trees M]`. Prints figures, then one JSON line.
 """
@@ -103,6 +108,19 @@ def raw_pipeline(server: EmbeddedRedis, payload: bytes, n: int, per_round_trip: 
     return elapsed
 
 
+def wait_idle(server: EmbeddedRedis, timeout_s: float = 120.0) -> None:
+    """Until Redis runs no AOF rewrite (one is due after every ~64 MB phase): each phase starts on a quiet server."""
+    r = server.client()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = r.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("an AOF rewrite is still running")
+        time.sleep(0.05)
+
+
 def paced_latency(cfg: PipelineConfig, store: TreeStore, n: int) -> tuple[np.ndarray, np.ndarray]:
     """One piece in flight at a time: (send -> Ack, send -> consumer holds it), seconds."""
     tree = realistic_tree()
@@ -125,7 +143,7 @@ def paced_latency(cfg: PipelineConfig, store: TreeStore, n: int) -> tuple[np.nda
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--actors", type=int, default=2)
-    ap.add_argument("--trees", type=int, default=150, help="trees per actor")
+    ap.add_argument("--trees", type=int, default=400, help="trees per actor")
     ap.add_argument("--paced", type=int, default=200, help="trees of the one-at-a-time latency run")
     args = ap.parse_args()
     total = args.actors * args.trees
@@ -141,11 +159,13 @@ def main() -> None:
         cfg_path = Path(tmp) / "buffer.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         t_raw_before = raw_pipeline(server, payload, total)
+        wait_idle(server)
 
         service = subprocess.Popen([sys.executable, "-m", "launcher.cli", "buffer", "--config", str(cfg_path)],
                                    cwd=ROOT, stderr=subprocess.DEVNULL)
         store = TreeStore.from_config(server.client(), cfg)
         acks, ends = paced_latency(cfg, store, args.paced)
+        wait_idle(server)
 
         ctx = mp.get_context("spawn")
         go, out, done = ctx.Event(), ctx.Queue(), ctx.Queue()
@@ -172,6 +192,7 @@ def main() -> None:
         service.terminate()
         service.wait(10)
         counters = store.counters()
+        wait_idle(server)
         t_raw_after = raw_pipeline(server, payload, total)  # the box is shared: raw is taken before and after
         t_raw = (t_raw_before + t_raw_after) / 2
 

@@ -36,6 +36,7 @@ import zmq
 from actors.weight_receiver import ZmqWeightSubscriber
 from learner.weight_push import ZmqWeightPublisher
 from protocol.config.weights import WeightsConfig
+from protocol.role_process import retain_freed_memory
 
 CHUNK_BYTES = WeightsConfig().chunk_bytes
 MODELS = {  # vocab, hidden, intermediate, layers, kv_dim, qkv_bias
@@ -69,6 +70,7 @@ def random_state_dict(name: str) -> dict[str, torch.Tensor]:
 # --- actor processes ---------------------------------------------------------------------------------
 def actor_main(idx: int, conn) -> None:
     """One actor: per scenario a weight subscriber and a raw DEALER; the learner says which push comes next."""
+    retain_freed_memory()  # as every role process does
     torch.set_num_threads(1)
     while True:
         cmd = conn.recv()
@@ -159,6 +161,7 @@ def scenario(conns, sd, chunks: list[memoryview], total: int, model: str, rounds
 
 
 def main() -> None:
+    retain_freed_memory()
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     spawn = mp.get_context("spawn")
     pipes = [spawn.Pipe() for _ in range(4)]
