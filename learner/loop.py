@@ -142,12 +142,14 @@ class LearnerLoop:
             waited = time.perf_counter() - t0
             trees = broadcast_trees(batch.trees if batch else None, self.rank, self.world)
             data = tree_metrics(trees, lrn.policy_version)
+            stepped_from = lrn.step_count
             metrics = lrn.step(trees)
             if self.rank == 0:
                 self.source.commit(batch, lrn.policy_version)
-            if lrn.step_count % cfg.push_every == 0:
+            # a batch without a trained token (every group filtered) makes no step: no new version to push or save
+            if lrn.step_count > stepped_from and lrn.step_count % cfg.push_every == 0:
                 self._publish()
-            if lrn.step_count % cfg.checkpoint_every == 0:
+            if lrn.step_count > stepped_from and lrn.step_count % cfg.checkpoint_every == 0:
                 lrn.save_checkpoint(self.ckpt_dir)
             if self.sink is not None:
                 total = time.perf_counter() - t0

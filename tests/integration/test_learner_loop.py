@@ -1,0 +1,39 @@
+"""The learner process loop against a real Redis: a batch that trains no token makes no step."""
+
+import threading
+
+import pytest
+
+from buffer.store import TreeStore, min_version
+from learner.loop import LearnerLoop
+from protocol.codec import encode
+from protocol.config.pipeline import PipelineConfig
+from protocol.messages import SubtreeMsg
+from tests.fixtures.learner import tree_from_edges, worked_example_tree
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_batch_without_signal_makes_no_step_and_the_loop_goes_on(redis_server, tiny_model_dir, tmp_path):
+    cfg = PipelineConfig.model_validate({
+        "run": {"run_id": "loop", "output_dir": str(tmp_path)},
+        "buffer": {"redis_url": redis_server.url, "max_staleness": 8},
+        "weights": {"address": "tcp://127.0.0.1:*"},
+        "learner": {"prompts_per_step": 1, "max_steps": 2, "push_every": 1, "checkpoint_every": 1,
+                    "micro_batch_tokens": 64, "warmup_steps": 0},
+    })
+    store = TreeStore.from_config(redis_server.client(), cfg)
+    flat = tree_from_edges({1: 0, 2: 0}, {1: 1.0, 2: 1.0}, tree_id="flat")  # equal rewards: filtered, no token
+    trees = [worked_example_tree(tree_id="a"), flat, worked_example_tree(tree_id="b")]
+    for t in trees:
+        t.run_id = "loop"
+        msg = SubtreeMsg(key=f"{t.tree_id}/0", actor_id="a", seq=0, tree=t, final=True, n_pieces=1)
+        assert store.store_whole(t.tree_id, encode(msg), min_version(t)) == b"stored"
+    loop = LearnerLoop(cfg, tiny_model_dir, threading.Event())
+    try:
+        loop.run()  # a skipped batch used to publish the same version again: ValueError
+        assert loop.learner.step_count == 2 and loop.learner.policy_version == 2
+        assert loop.publisher._latest.version == 2
+        assert store.counters()["consumed"] == 3
+    finally:
+        loop.close()
