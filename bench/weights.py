@@ -19,7 +19,8 @@ copying the state dict into preallocated parameters of the same shapes (what a t
 engine's load_state_dict does); `assemble` is the time to build the state dict once the last chunk
 is in (zero-copy views). Prints figures, then one JSON line (the last line).
 
-Run: .venv/bin/python -m bench.weights   (1.5 to 3.5 minutes on 2 cores, depending on other load)
+Run: .venv/bin/python -m bench.weights   (1.5 to 3.5 minutes on 2 cores, depending on other load);
+other chunking: TREEPO_WEIGHTS__CHUNK_BYTES=8388608 TREEPO_WEIGHTS__WINDOW=2 .venv/bin/python -m bench.weights
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from learner.weight_push import ZmqWeightPublisher
 from protocol.config.weights import WeightsConfig
 from protocol.role_process import retain_freed_memory
 
-CHUNK_BYTES = WeightsConfig().chunk_bytes
+# the pipeline config's env overrides choose the chunking (spawned actor processes inherit them)
+BENCH_CFG = WeightsConfig(**{f: int(os.environ[f"TREEPO_WEIGHTS__{f.upper()}"]) for f in ("chunk_bytes", "window")
+                             if f"TREEPO_WEIGHTS__{f.upper()}" in os.environ})
+CHUNK_BYTES = BENCH_CFG.chunk_bytes
 MODELS = {  # vocab, hidden, intermediate, layers, kv_dim, qkv_bias
     "135m": (49152, 576, 1536, 30, 192, False),
     "0.5b": (151936, 896, 4864, 24, 128, True),
@@ -78,7 +82,7 @@ def actor_main(idx: int, conn) -> None:
             return
         _, weights_address, raw_address, model, total = cmd
         params = {k: torch.empty(s, dtype=torch.bfloat16) for k, s in shapes(model).items()} if idx == 0 else {}
-        sub = ZmqWeightSubscriber(WeightsConfig(address=weights_address), f"actor-{idx}")
+        sub = ZmqWeightSubscriber(BENCH_CFG.model_copy(update={"address": weights_address}), f"actor-{idx}")
         ctx = zmq.Context()
         raw = ctx.socket(zmq.DEALER)
         raw.rcvhwm = 0
@@ -114,7 +118,7 @@ def actor_main(idx: int, conn) -> None:
 # --- learner side ------------------------------------------------------------------------------------
 def scenario(conns, sd, chunks: list[memoryview], total: int, model: str, rounds: int) -> dict[str, list]:
     """`rounds` pairs of pushes of the same bytes to len(conns) actors: raw ZeroMQ, then a weight version."""
-    pub = ZmqWeightPublisher(WeightsConfig(address="tcp://127.0.0.1:*"))
+    pub = ZmqWeightPublisher(BENCH_CFG.model_copy(update={"address": "tcp://127.0.0.1:*"}))
     ctx = zmq.Context()
     raw = ctx.socket(zmq.ROUTER)
     raw.linger = 0
@@ -204,7 +208,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"min ratio weights/raw {min_ratio:.2f} (target >= 0.70); total {time.perf_counter() - t_start:.0f} s; "
           f"load average {load_start:.1f} at start, {load:.1f} at end (2 cores: above ~1, other jobs shared them)")
-    print(json.dumps({"dtype": "bf16", "chunk_mib": CHUNK_BYTES / 2**20, "window": WeightsConfig().window, **results,
+    print(json.dumps({"dtype": "bf16", "chunk_mib": CHUNK_BYTES / 2**20, "window": BENCH_CFG.window, **results,
                       "apply_s": {m: round(a["poll_s"] + a["copy_s"], 4) for m, a in apply.items()},
                       "assemble_ms": {m: round(a["assemble_s"] * 1e3, 3) for m, a in apply.items()},
                       "min_ratio": min_ratio, "target_met": min_ratio >= 0.7,
