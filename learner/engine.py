@@ -114,8 +114,9 @@ class Learner:
         rows = build_sequences(batch)
         total = float(sum(r.loss_mask.sum() for r in rows))
         metrics["sequences"] = float(len(rows))
-        if total == 0:
-            metrics["skipped"] = 1.0
+        if total == 0:  # every group filtered: no step, but the same metric keys as a step (zeros)
+            metrics.update(skipped=1.0, step=float(self.step_count), policy_version=float(self.policy_version),
+                           micro_batches=0.0, tokens=0.0, step_time_s=time.perf_counter() - start, tokens_per_s=0.0)
             return metrics
         packed = [pack(shard, self.cfg.micro_batch_tokens, self.pad_id) for shard in split_for_ranks(rows, self.world)]
         n_micro = max(len(p) for p in packed)
@@ -135,7 +136,7 @@ class Learner:
         elapsed = time.perf_counter() - start
         processed = float(sum(mb.real_tokens for p in packed for mb in p))
         metrics.update(stats.summary())
-        metrics.update(loss=stats.loss / total, grad_norm=self._grad_norm(),
+        metrics.update(skipped=0.0, loss=stats.loss / total, grad_norm=self._grad_norm(),
                        lr=lr, step=float(self.step_count),
                        policy_version=float(self.policy_version), micro_batches=float(n_micro), tokens=processed,
                        step_time_s=elapsed, tokens_per_s=processed / elapsed)
