@@ -97,16 +97,27 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
-def plot_rewards(rows: list[dict], path: Path) -> None:
+def reward_by_step(rows: list[dict]) -> list[tuple[float, float]]:
+    """(step, mean leaf reward of the batches consumed at that step), weighting batches by their trees: a batch
+    whose groups all had equal rewards makes no step, and counts at the step the learner was at."""
+    by_step: dict[float, list[float]] = {}
+    for r in rows:
+        acc = by_step.setdefault(r["step"], [0.0, 0.0])
+        acc[0] += r["reward_mean"] * r["trees"]
+        acc[1] += r["trees"]
+    return [(step, total / max(trees, 1e-9)) for step, (total, trees) in sorted(by_step.items())]
+
+
+def plot_rewards(curve: list[tuple[float, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    reward = [r["reward_mean"] for r in rows]
+    steps = [step for step, _ in curve]
+    reward = [mean for _, mean in curve]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, reward, marker=".", label="mean leaf reward of the batch")
+    ax.plot(steps, reward, marker=".", label="mean leaf reward of the batches")
     ax.set_xlabel("learner step")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
@@ -116,15 +127,13 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def print_curve(rows: list[dict], buckets: int = 10) -> None:
+def print_curve(curve: list[tuple[float, float]], buckets: int = 10) -> None:
     """The reward curve as text: mean reward per slice of steps, with a bar."""
-    if not rows:
-        return
-    size = max(1, len(rows) // buckets)
-    for i in range(0, len(rows), size):
-        part = rows[i:i + size]
-        mean = sum(r["reward_mean"] for r in part) / len(part)
-        console.print(f"  steps {part[0]['step']:>4}-{part[-1]['step']:<4} reward {mean:+.3f} "
+    size = max(1, len(curve) // buckets)
+    for i in range(0, len(curve), size):
+        part = curve[i:i + size]
+        mean = sum(m for _, m in part) / len(part)
+        console.print(f"  steps {int(part[0][0]):>4}-{int(part[-1][0]):<4} reward {mean:+.3f} "
                       f"{'#' * max(0, int(round((mean + 1) * 20)))}")
 
 
@@ -256,8 +265,13 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]the learner failed; last lines of {learner.log_path}:\n{learner.tail(40)}")
         return 1
     if rows:
-        plot_rewards(rows, out / "reward.png")
-        console.print(f"reward curve ({len(rows)} steps) -> {out / 'reward.png'}")
-        print_curve(rows)
+        curve = reward_by_step(rows)
+        trailing = next((i for i, r in enumerate(reversed(rows)) if not r["skipped"]), len(rows))
+        if cfg.learner.stop_after_skipped and trailing >= cfg.learner.stop_after_skipped:
+            console.print(f"[yellow]the learner ended at step {int(rows[-1]['step'])} of {cfg.learner.max_steps}: "
+                          f"its last {cfg.learner.stop_after_skipped} batches had no group with unequal rewards")
+        plot_rewards(curve, out / "reward.png")
+        console.print(f"reward curve ({len(curve)} steps, {len(rows)} batches) -> {out / 'reward.png'}")
+        print_curve(curve)
     console.print(f"checkpoint {out / 'checkpoints'}, weights {out / 'export'}, trees in Redis (run {cfg.run.run_id!r})")
     return 0

@@ -134,7 +134,13 @@ class LearnerLoop:
 
     def run(self) -> None:
         cfg, lrn = self.cfg.learner, self.learner
+        skipped = 0  # batches in a row that trained no token
         while lrn.step_count < cfg.max_steps:
+            if cfg.stop_after_skipped and skipped >= cfg.stop_after_skipped:
+                log.warning("ending at step %d of %d: %d batches in a row had no group with unequal rewards "
+                            "(the task is solved, or out of reach, for this policy)", lrn.step_count,
+                            cfg.max_steps, skipped)
+                break
             t0 = time.perf_counter()
             batch = self._next_batch() if self.rank == 0 else None
             if self._stop_requested():
@@ -144,6 +150,7 @@ class LearnerLoop:
             data = tree_metrics(trees, lrn.policy_version)
             stepped_from = lrn.step_count
             metrics = lrn.step(trees)
+            skipped = 0 if lrn.step_count > stepped_from else skipped + 1
             if self.rank == 0:
                 self.source.commit(batch, lrn.policy_version)
             # a batch without a trained token (every group filtered) makes no step: no new version to push or save

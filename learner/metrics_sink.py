@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_http_server
 
 
 class MetricsSink:
@@ -24,9 +24,11 @@ class MetricsSink:
         self.prefix = prefix
         self.jsonl = open(self.dir / f"{prefix}.jsonl", "a", buffering=1)
         self.tb = SummaryWriter(str(self.dir / "tensorboard" / prefix)) if tensorboard else None
+        self.registry = CollectorRegistry()  # its own: two sinks in one process (tests, tools) do not collide
+        ProcessCollector(registry=self.registry)  # CPU, memory, open files of the process, as the default registry
         self.gauges: dict[str, Gauge] = {}
         if prometheus_port:
-            start_http_server(prometheus_port, addr="127.0.0.1")
+            start_http_server(prometheus_port, addr="127.0.0.1", registry=self.registry)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -36,7 +38,7 @@ class MetricsSink:
             gauge = self.gauges.get(name)
             if gauge is None:
                 safe = re.sub(r"[^a-zA-Z0-9_]", "_", f"treepo_{self.prefix}_{name}")
-                gauge = self.gauges[name] = Gauge(safe, f"{self.prefix} {name}")
+                gauge = self.gauges[name] = Gauge(safe, f"{self.prefix} {name}", registry=self.registry)
             gauge.set(value)
 
     def close(self) -> None:

@@ -39,5 +39,8 @@ class LearnerConfig(Section):
                                     "after padding; a longer single sequence is an error.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
+    stop_after_skipped: int = Field(50, ge=0, description="End the run early (checkpoint, export, exit 0) after this "
+                                    "many batches in a row without a trained token: every group's rewards were equal, "
+                                    "so the task is solved (or out of reach) for the policy. 0 never ends early.")
     checkpoint_every: int = Field(50, gt=0, description="Save a checkpoint every N steps.")
     push_every: int = Field(1, gt=0, description="Publish weights to actors every k steps.")

@@ -44,3 +44,25 @@ def test_a_batch_without_signal_makes_no_step_and_the_loop_goes_on(redis_server,
         assert (rows[1]["step"], rows[1]["policy_version"], rows[1]["tokens_per_s"]) == (1.0, 1.0, 0.0)
     finally:
         loop.close()
+
+
+def test_a_run_without_signal_ends_early_with_a_checkpoint(redis_server, tiny_model_dir, tmp_path):
+    cfg = PipelineConfig.model_validate({
+        "run": {"run_id": "solved", "output_dir": str(tmp_path)},
+        "buffer": {"redis_url": redis_server.url, "max_staleness": 8},
+        "weights": {"address": "tcp://127.0.0.1:*"},
+        "learner": {"prompts_per_step": 1, "max_steps": 5, "stop_after_skipped": 2, "micro_batch_tokens": 64},
+    })
+    store = TreeStore.from_config(redis_server.client(), cfg)
+    for i in range(4):  # every tree has equal rewards: the task is "solved"
+        t = tree_from_edges({1: 0, 2: 0}, {1: 1.0, 2: 1.0}, tree_id=f"flat{i}")
+        t.run_id = "solved"
+        msg = SubtreeMsg(key=f"{t.tree_id}/0", actor_id="a", seq=0, tree=t, final=True, n_pieces=1)
+        assert store.store_whole(t.tree_id, encode(msg), min_version(t)) == b"stored"
+    loop = LearnerLoop(cfg, tiny_model_dir, threading.Event())
+    try:
+        loop.run()  # without the limit it waits for a batch with signal forever
+        assert loop.learner.step_count == 0 and store.counters()["consumed"] == 2
+        assert (tmp_path / "checkpoints" / "latest").exists() and any((tmp_path / "export").iterdir())
+    finally:
+        loop.close()

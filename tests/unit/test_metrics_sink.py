@@ -1,0 +1,20 @@
+import json
+import urllib.request
+
+from buffer.redis_server import free_port
+from learner.metrics_sink import MetricsSink
+
+
+def test_metrics_go_to_jsonl_and_prometheus_and_two_sinks_share_a_process(tmp_path):
+    port = free_port()
+    sink = MetricsSink(tmp_path / "a", "learner", tensorboard=False, prometheus_port=port)
+    sink.log(3, {"reward_mean": 0.5, "tokens_per_s": 12.0})
+    other = MetricsSink(tmp_path / "b", "learner", tensorboard=False)  # same gauge names, own registry
+    other.log(1, {"reward_mean": 0.25})
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "treepo_learner_reward_mean 0.5" in page and "treepo_learner_tokens_per_s 12.0" in page
+    assert "process_cpu_seconds_total" in page
+    row = json.loads((tmp_path / "a" / "learner.jsonl").read_text())
+    assert (row["step"], row["reward_mean"], row["tokens_per_s"]) == (3, 0.5, 12.0)
+    sink.close()
+    other.close()
