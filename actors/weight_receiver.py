@@ -1,12 +1,12 @@
 """Actor side of the weight push: receive policy versions off the hot path, hand over only the newest.
 
 A background thread owns a DEALER connected to the learner's weight ROUTER (protocol in
-`learner/weight_push.py`): it says Hello, assembles each version's chunks into one flat buffer
-(acknowledging each chunk, which is the learner's credit to send the next; a chunk's payload frame
-is validated against its WeightChunk and the WeightHeader, then copied once, straight into place),
-and when a version is
-complete builds its state dict as zero-copy views of that buffer (`protocol.weight_layout`). The
-tree sampler calls `poll_latest()` between two tree steps: it returns the newest complete version
+`learner/weight_push.py`): it says Hello, then builds each version's state dict as its chunks
+arrive (acknowledging each chunk, which is the learner's credit to send the next; a chunk's payload
+frame is validated against its WeightChunk and the WeightHeader first). A tensor that lies inside
+one chunk is a view of that chunk's received ZeroMQ frame (no copy; the learner cuts chunks at
+tensor boundaries, `protocol.weight_layout.plan_chunks`); a tensor spread over several chunks is
+copied piece by piece into a buffer of its own. The tree sampler calls `poll_latest()` between two tree steps: it returns the newest complete version
 not yet taken, or None, and never blocks. A version that arrives before the previous one was
 taken replaces it (an actor applies only the newest). While idle the thread sends a Heartbeat with
 the version it holds every `heartbeat_s` (this also rejoins a restarted learner); a transfer that
@@ -14,10 +14,11 @@ brings no chunk for `stall_timeout_s`, or a Shutdown from the learner, drops the
 and the actor asks again. A malformed or foreign message, or a refusal from the learner,
 stops the thread; `poll_latest()` then raises `WeightReceiveError` with the cause chained.
 
-Memory: the handed-over tensors view the version's flat buffer. The buffer of an earlier version
-is refilled only once no tensor references it any more (its storage's use count says so), so the
-caller may keep or apply the tensors as it likes; dropping them after applying lets the next
-versions reuse warm memory instead of page-faulting fresh buffers.
+Memory: the handed-over tensors view the received frames and the spread tensors' buffers; a frame
+is freed when no tensor views it any more, and a spread tensor's buffer is refilled by a later
+version only once nothing references it (its storage's use count says so). So the caller may keep
+or apply the tensors as it likes; dropping them after applying lets the next versions reuse warm
+memory instead of page-faulting fresh buffers.
 
 Usage (in the actor loop):
 
@@ -36,6 +37,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -46,12 +48,12 @@ from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
 from protocol.security import secure_client
-from protocol.weight_layout import check_chunk, check_header, storage_users, unflatten
+from protocol.weight_layout import TORCH_DTYPES, check_chunk, check_header, storage_users
 
 log = logging.getLogger(__name__)
 
 
-_SPARE_BUFFERS = 3  # completed versions' buffers kept for reuse: the one applied, the newest, one spare
+_SPARE_VERSIONS = 3  # versions whose spread-tensor buffers are kept for reuse: applied, newest, one spare
 
 
 class WeightReceiveError(RuntimeError):
@@ -97,12 +99,11 @@ class ZmqWeightSubscriber(WeightSubscriber):
         secure_client(self._sock, security or SecurityConfig())
         self._sock.connect(cfg.address)
         self._header: WeightHeader | None = None
-        self._flat = torch.empty(0, dtype=torch.uint8)
-        self._view = memoryview(self._flat.numpy())
+        self._assembly: _Assembly | None = None
         self._filled = 0
         self._next_index = 0
         self._last_sent = 0.0
-        self._done_buffers: list[torch.Tensor] = []  # flat buffers of completed versions, newest first
+        self._spare: list[torch.Tensor] = []  # spread-tensor buffers of completed versions, newest first
         self._lone_users = storage_users(torch.empty(1, dtype=torch.uint8))
         self._thread = threading.Thread(target=self._run, name=f"weight-receiver-{actor_id}", daemon=True)
         self._thread.start()
@@ -155,7 +156,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         if isinstance(msg, WeightChunk):
             if len(frames) != 2:
                 raise ProtocolError("malformed", f"a WeightChunk in {len(frames)} frame(s), not [chunk, payload]")
-            self._on_chunk(msg, frames[1].buffer)
+            self._on_chunk(msg, frames[1])
         elif len(frames) != 1:
             raise ProtocolError("malformed", f"a {type(msg).__name__} with {len(frames) - 1} extra frame(s)")
         else:
@@ -169,8 +170,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
             if msg.version <= self.have:
                 raise ProtocolError("version", f"offered v{msg.version}, this actor already holds v{self.have}")
             self._header, self._filled, self._next_index = msg, 0, 0
-            self._flat = self._buffer(msg.total_bytes)  # not zero-filled: every byte is written
-            self._view = memoryview(self._flat.numpy())
+            self._assembly = _Assembly(msg, self._buffer)
             if msg.n_chunks == 0:
                 self._finish()
         elif isinstance(msg, Shutdown):  # the learner left, or forgot us: drop any partial version, rejoin
@@ -181,7 +181,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         else:
             raise ProtocolError("type", f"unexpected {type(msg).__name__} on the weight socket")
 
-    def _on_chunk(self, chunk: WeightChunk, payload: memoryview) -> None:
+    def _on_chunk(self, chunk: WeightChunk, payload: zmq.Frame) -> None:
         header = self._header
         if header is None or chunk.version != header.version:
             self.stale_chunks += 1  # still in flight from a transfer this actor abandoned
@@ -189,39 +189,39 @@ class ZmqWeightSubscriber(WeightSubscriber):
         check_chunk(header, chunk, len(payload), self._next_index, self._filled)
         end = chunk.offset + chunk.nbytes
         last = chunk.index == header.n_chunks - 1
-        if not last:  # the credit goes back before the copy, so the next chunk is already on its way
+        if not last:  # the credit goes back before the chunk is used, so the next one is already on its way
             self._send(Ack(key=f"{chunk.version}/{chunk.index}"))
-        self._view[chunk.offset:end] = payload  # the one copy on this side: ZeroMQ's frame -> the flat buffer
+        self._assembly.add(chunk.offset, payload)
         self._filled, self._next_index = end, self._next_index + 1
         if last:
             self._finish()  # the last credit says "assembled": the learner counts this actor as holding the version
             self._send(Ack(key=f"{chunk.version}/{chunk.index}"))
 
     def _finish(self) -> None:
-        header, t0 = self._header, time.perf_counter()
-        state_dict = unflatten(header, self._flat)
+        header, assembly, t0 = self._header, self._assembly, time.perf_counter()
+        state_dict = assembly.state_dict()
         self.assemble_s = time.perf_counter() - t0
         with self._lock:
             self._latest = (header.version, state_dict)
         self.have = header.version
         self.versions_received.append(header.version)
-        self._done_buffers = [self._flat, *self._done_buffers[:_SPARE_BUFFERS - 1]]
+        kept = _SPARE_VERSIONS * max(1, len(assembly.buffers))
+        self._spare = (assembly.buffers + self._spare)[:kept]
         self._reset()
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
-        """A buffer of a version assembled earlier that nobody references any more (its tensors were applied
-        and dropped), else a new one: refilling warm memory avoids first-touch page faults, which cost
-        as much as the copy itself (about 0.3 s per 270 MB on a small VM)."""
-        for i, buf in enumerate(self._done_buffers):
+        """A spread tensor's buffer of a version assembled earlier that nobody references any more (it was
+        applied and dropped), else a new one: refilling warm memory avoids first-touch page faults, which
+        cost as much as the copy itself (about 0.3 s per 270 MB on a small VM)."""
+        for i, buf in enumerate(self._spare):
             if buf.numel() == nbytes and storage_users(buf) == self._lone_users:
-                return self._done_buffers.pop(i)
+                return self._spare.pop(i)
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def _reset(self) -> None:
-        """Forget the version being assembled (its buffer stays alive in the state dict handed over, if any)."""
+        """Forget the version being assembled (what was handed over stays alive in its state dict)."""
         self._header = None
-        self._flat = torch.empty(0, dtype=torch.uint8)
-        self._view = memoryview(self._flat.numpy())
+        self._assembly = None
 
     def _send(self, msg: object) -> None:
         """Send without blocking; when the learner is unreachable so long that the queue is full, skip it:
@@ -231,3 +231,45 @@ class ZmqWeightSubscriber(WeightSubscriber):
             self._sock.send(encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             return
+
+
+class _Assembly:
+    """The tensors of one version, built from its chunks in order: views of a chunk's frame for the tensors
+    inside it, a buffer of its own (from `buffer(nbytes)`) filled piece by piece for a tensor spread over
+    several chunks."""
+
+    def __init__(self, header: WeightHeader, buffer: Callable[[int], torch.Tensor]):
+        self.header, self.buffer = header, buffer
+        self.order = sorted((m for m in header.tensors if m.nbytes), key=lambda m: m.offset)
+        self.tensors = {m.name: torch.empty(m.shape, dtype=TORCH_DTYPES[m.dtype]) for m in header.tensors
+                        if not m.nbytes}
+        self.buffers: list[torch.Tensor] = []  # the spread tensors' buffers
+        self.next = 0  # index in `order` of the first tensor not complete
+        self.spread: torch.Tensor | None = None  # buffer of that tensor, when it is spread and begun
+
+    def add(self, offset: int, frame: zmq.Frame) -> None:
+        """The chunk starting at byte `offset` (validated: the one due, its length inside the buffer)."""
+        end = offset + len(frame)
+        data = torch.frombuffer(frame.buffer, dtype=torch.uint8)  # views ZeroMQ's frame (keeps it alive)
+        while self.next < len(self.order) and self.order[self.next].offset < end:
+            m = self.order[self.next]
+            stop = m.offset + m.nbytes
+            if m.offset >= offset and stop <= end:  # inside this chunk: a view, no copy
+                part = data[m.offset - offset:stop - offset]
+            else:  # spread over chunks: copy this chunk's share into the tensor's own buffer
+                if self.spread is None:
+                    self.spread = self.buffer(m.nbytes)
+                lo, hi = max(m.offset, offset), min(stop, end)
+                self.spread.numpy()[lo - m.offset:hi - m.offset] = data.numpy()[lo - offset:hi - offset]
+                if stop > end:
+                    return  # continues in the next chunk
+                part, self.spread = self.spread, None
+                self.buffers.append(part)
+            self.tensors[m.name] = part.view(TORCH_DTYPES[m.dtype]).view(m.shape)
+            self.next += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, in the header's order (once the last chunk was added)."""
+        if self.next != len(self.order):
+            raise ProtocolError("malformed", f"weights v{self.header.version}: chunks ended inside the tensors")
+        return {m.name: self.tensors[m.name] for m in self.header.tensors}

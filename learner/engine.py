@@ -17,7 +17,7 @@ unmanaged (`managed_gradient_accumulation: false`): the micro-batch count varies
 
 Checkpoints (`save_checkpoint`/`load_checkpoint`) restore model, optimizer, LR schedule, step and
 policy version. `export` writes safetensors + config + tokenizer that transformers and vLLM load;
-`state_dict_for_push` gives the full weights (gathered under ZeRO-3) for the weight pusher.
+`full_weights` lends the full weights (gathered under ZeRO-3) to the weight publisher, which copies them once.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -175,15 +177,24 @@ class Learner:
         self.step_count = int(client["step"])
         self.policy_version = int(client["policy_version"])
 
-    def state_dict_for_push(self) -> dict[str, torch.Tensor]:
-        """Full weights on CPU, by HF parameter name (collective under ZeRO-3)."""
+    @contextmanager
+    def full_weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The full weights by HF parameter name, as the parameters themselves (no copy, on their device),
+        valid inside the block only: under ZeRO-3 they are gathered for it (collective). The weight
+        publisher copies them once, straight into its snapshot."""
         module = self.engine.module
         if self.cfg.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                yield {k: v.detach() for k, v in module.state_dict().items()}
+        else:
+            yield {k: v.detach() for k, v in module.state_dict().items()}
+
+    def cpu_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the full weights on CPU, by HF parameter name (collective under ZeRO-3)."""
+        with self.full_weights() as weights:
+            return {k: v.cpu().clone() for k, v in weights.items()}
 
     def export(self, directory: str | Path) -> Path:
         """Write the current weights as a HF model directory (rank 0 writes; collective).
@@ -193,7 +204,7 @@ class Learner:
         """
         from transformers import AutoTokenizer
 
-        state = self.state_dict_for_push()
+        state = self.cpu_state_dict()
         out = Path(directory)
         if self.rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -111,9 +111,9 @@ class LearnerLoop:
         self._publish()
 
     def _publish(self) -> None:
-        state = self.learner.state_dict_for_push()  # collective under ZeRO-3
-        if self.publisher is not None:
-            self.publisher.publish(self.learner.policy_version, state)
+        with self.learner.full_weights() as weights:  # collective under ZeRO-3
+            if self.publisher is not None:  # snapshots them before returning
+                self.publisher.publish(self.learner.policy_version, weights)
 
     def _next_batch(self) -> Batch:
         """Rank 0 waits for a whole batch (or a stop); idle time is what the learner waited for data."""

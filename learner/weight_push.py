@@ -19,7 +19,10 @@ that is no longer the newest lives only while a transfer still streams it.
 
 Cost: `publish` only copies the state dict into one flat buffer (numpy copies, without the GIL)
 and returns; the thread sends each chunk as a small encoded WeightChunk and, zero-copy, a view of
-its bytes in that buffer: the learner copies no weight byte after the flat buffer. A later
+its bytes in that buffer: the learner copies no weight byte after the flat buffer. Streaming
+overlaps that copy: a chunk goes out as soon as its bytes are in the buffer, while `publish`
+still copies the next tensors. Chunks are cut at tensor boundaries (`plan_chunks`), so an actor
+views most tensors in the frames it received instead of copying them. A later
 version refills a snapshot's memory once no transfer streams it and ZeroMQ has released its
 frames (message trackers), so steady-state publishing touches warm memory instead of
 page-faulting fresh buffers.
@@ -44,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -59,7 +61,7 @@ from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
 from protocol.security import secure_server, stop_authenticator
-from protocol.weight_layout import flatten_into, plan_layout
+from protocol.weight_layout import flatten_into, plan_chunks, plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +111,30 @@ _SPARE_SNAPSHOTS = 2  # retired snapshots whose memory the next `publish` may re
 
 @dataclass(eq=False)
 class _Snapshot:
-    """One version: its encoded header and flat buffer. `trackers` tell when ZeroMQ has let go of the
-    payload frames it was sent from."""
+    """One version: its encoded header, chunk ranges and flat buffer, of which the first `ready` bytes are
+    written (`publish` is still copying the rest). `trackers` tell when ZeroMQ has let go of the payload
+    frames it was sent from."""
 
     version: int
     header: bytes
-    n_chunks: int
-    chunk_bytes: int
+    chunks: list[tuple[int, int]]  # (offset, nbytes) of each chunk
     flat: torch.Tensor
+    ready: int = 0
     trackers: list[zmq.MessageTracker] = field(default_factory=list)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunks)
+
+    def is_ready(self, index: int) -> bool:
+        offset, nbytes = self.chunks[index]
+        return offset + nbytes <= self.ready
 
     def chunk(self, index: int) -> tuple[bytes, memoryview]:
         """The two frames of chunk `index`: its encoded WeightChunk, and its bytes as a view of `flat`."""
-        offset = index * self.chunk_bytes
-        payload = memoryview(self.flat.numpy())[offset:offset + self.chunk_bytes]
-        return encode(WeightChunk(version=self.version, index=index, offset=offset, nbytes=len(payload))), payload
+        offset, nbytes = self.chunks[index]
+        payload = memoryview(self.flat.numpy())[offset:offset + nbytes]
+        return encode(WeightChunk(version=self.version, index=index, offset=offset, nbytes=nbytes)), payload
 
 
 @dataclass(eq=False)
@@ -181,18 +192,34 @@ class ZmqWeightPublisher(WeightPublisher):
             if self._latest is not None and version <= self._latest.version:
                 raise ValueError(f"version {version} is not newer than the published {self._latest.version}")
         metas, total = plan_layout(state_dict)
-        chunk_bytes = self.cfg.chunk_bytes
-        n_chunks = math.ceil(total / chunk_bytes)
+        chunks = plan_chunks(metas, self.cfg.chunk_bytes)
         header = encode(WeightHeader(run_id=self.run_id, version=version, tensors=metas, total_bytes=total,
-                                     n_chunks=n_chunks))
-        flat = self._buffer(total)
-        flatten_into(state_dict, metas, flat)
-        snap = _Snapshot(version, header, n_chunks, chunk_bytes, flat)
+                                     n_chunks=len(chunks)))
+        snap = _Snapshot(version, header, chunks, self._buffer(total))
         with self._cond:
             previous, self._latest = self._latest, snap
+            retired = self._retired
             if previous is not None:
-                self._retired = [previous, *self._retired[:_SPARE_SNAPSHOTS - 1]]
+                self._retired = [previous, *retired[:_SPARE_SNAPSHOTS - 1]]
             self._wake_tx.send(b"")
+        due = 0  # the first chunk not yet ready: the thread streams each chunk once its bytes are written
+
+        def written(nbytes: int) -> None:
+            nonlocal due
+            snap.ready = nbytes
+            if due < len(chunks) and snap.is_ready(due):
+                while due < len(chunks) and snap.is_ready(due):
+                    due += 1
+                with self._cond:
+                    self._wake_tx.send(b"")
+
+        try:
+            flatten_into(state_dict, metas, snap.flat, progress=written)
+        except BaseException:  # the copy failed half-way: withdraw the version, actors streaming it start over
+            with self._cond:
+                self._latest, self._retired, snap.ready = previous, retired, -1
+                self._wake_tx.send(b"")
+            raise
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """A flat buffer for a snapshot: that of a retired version no transfer streams and ZeroMQ no longer
@@ -335,7 +362,10 @@ class ZmqWeightPublisher(WeightPublisher):
                     peer.transfer, peer.sent, peer.acked, peer.last_progress = latest, 0, 0, now
                     starting.add(id(peer))
         for peer in list(self._peers.values()):
-            if id(peer) in starting:
+            if peer.transfer is not None and peer.transfer.ready < 0:  # withdrawn: the actor drops it and rejoins
+                self._send_nowait(peer.identity, encode(Shutdown(sender="learner", reason="version withdrawn")))
+                self._forget(peer.identity)
+            elif id(peer) in starting:
                 self._start(peer)
             elif peer.transfer is None:
                 if now - peer.last_seen > self.cfg.peer_timeout_s:
@@ -357,7 +387,8 @@ class ZmqWeightPublisher(WeightPublisher):
 
     def _pump(self, peer: _Peer) -> None:
         snap = peer.transfer
-        while snap is not None and peer.sent < snap.n_chunks and peer.sent - peer.acked < self.cfg.window:
+        while (snap is not None and peer.sent < snap.n_chunks and peer.sent - peer.acked < self.cfg.window
+               and snap.is_ready(peer.sent)):
             header, payload = snap.chunk(peer.sent)
             if not self._send(peer, [header, payload], snap.trackers):
                 return

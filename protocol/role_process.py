@@ -27,17 +27,23 @@ def add_config_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults when omitted)")
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters of glibc's malloc.h
 
 
 def retain_freed_memory(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -> None:
-    """Keep freed heap memory up to `trim_bytes` and serve blocks below `mmap_bytes` from the heap (Linux;
-    musl's mallopt ignores it, other systems keep their allocator's defaults)."""
+    """Keep freed heap memory up to `trim_bytes`, serve blocks below `mmap_bytes` from the heap, and use one
+    heap for all threads (Linux; musl's mallopt ignores it, other systems keep their allocator's defaults).
+
+    Call it before the process starts threads. One heap matters for ZeroMQ: its I/O thread allocates
+    every received message, and glibc gives a thread's own heap back to the kernel as soon as its blocks
+    are freed, so each weight version page-faulted its chunks in afresh (an actor spent half its CPU on
+    the faults of 130k pages per GB received)."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
     libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
+    libc.mallopt(_M_ARENA_MAX, 1)
 
 
 def start_role(args: argparse.Namespace) -> tuple[PipelineConfig, threading.Event]:

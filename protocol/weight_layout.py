@@ -5,10 +5,13 @@ no holes; `TensorMeta` gives its safetensors dtype name (F32, BF16, F16, ...), s
 and byte length. As safetensors does, tensors are placed in order of decreasing element size, so
 every tensor starts at a multiple of its element size (the receiver views the buffer without
 copies); the header lists them in the state dict's own order. The buffer travels as `n_chunks`
-chunks, in order: chunk i starts where chunk i-1 ended (all but the last have the sender's chunk size).
-Each `WeightChunk` names its byte range (offset, nbytes); its payload is the message's second frame
-(`protocol.messages.WeightChunk`), which `check_chunk` validates before any byte is written.
-`flatten_into` writes the buffer, `unflatten` views it as tensors again.
+chunks, in order: chunk i starts where chunk i-1 ended. Each `WeightChunk` names its byte range
+(offset, nbytes); its payload is the message's second frame (`protocol.messages.WeightChunk`),
+which `check_chunk` validates before any byte is used. The sender cuts chunks at tensor boundaries
+(`plan_chunks`): consecutive tensors share a chunk of at most the chunk size, and a larger tensor
+spans chunks of its own; so a receiver can view every tensor that fits in a chunk inside that
+chunk's frame and copies only the tensors larger than a chunk. Receivers accept any cut.
+`flatten_into` writes the buffer, `unflatten` views a whole buffer as tensors again.
 
 Imports torch; `protocol/__init__` does not import this module, so the codec stays torch-free.
 """
@@ -16,6 +19,7 @@ Imports torch; `protocol/__init__` does not import this module, so the codec sta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -52,21 +56,48 @@ def plan_layout(state_dict: dict[str, torch.Tensor]) -> tuple[list[TensorMeta], 
     return metas, offset
 
 
-def flatten_into(state_dict: dict[str, torch.Tensor], metas: list[TensorMeta], flat: torch.Tensor) -> None:
-    """Copy every tensor's bytes into the 1-D uint8 tensor `flat` at its planned offset (from any device).
+def plan_chunks(metas: list[TensorMeta], chunk_bytes: int) -> list[tuple[int, int]]:
+    """The (offset, nbytes) of each chunk, in order, covering the buffer without holes, cut at tensor
+    boundaries: consecutive tensors share a chunk of at most `chunk_bytes`; a tensor larger than that
+    alone spans chunks of `chunk_bytes` (its last one shorter)."""
+    chunks: list[tuple[int, int]] = []
+    start = end = 0
+    for m in sorted(metas, key=lambda m: m.offset):
+        if m.nbytes > chunk_bytes:
+            if end > start:
+                chunks.append((start, end - start))
+            chunks += [(at, min(chunk_bytes, m.offset + m.nbytes - at))
+                       for at in range(m.offset, m.offset + m.nbytes, chunk_bytes)]
+            start = end = m.offset + m.nbytes
+        elif end - start + m.nbytes > chunk_bytes:
+            chunks.append((start, end - start))
+            start, end = m.offset, m.offset + m.nbytes
+        else:
+            end += m.nbytes
+    if end > start:
+        chunks.append((start, end - start))
+    return chunks
+
+
+def flatten_into(state_dict: dict[str, torch.Tensor], metas: list[TensorMeta], flat: torch.Tensor,
+                 progress: Callable[[int], None] | None = None) -> None:
+    """Copy every tensor's bytes into the 1-D uint8 tensor `flat` at its planned offset (from any device),
+    in offset order; after each tensor, `progress(n)` says the first n bytes of `flat` are written.
 
     CPU tensors are copied by numpy (one thread, no GIL): torch's intra-op threads made these plain
     copies 40x slower on a busy 2-core machine (their workers spin while other processes hold the cores).
     """
     flat_np = flat.numpy()
-    for m in metas:
-        if not m.nbytes:
-            continue
+    for m in sorted(metas, key=lambda m: m.offset):
         src = state_dict[m.name].detach().reshape(-1).view(torch.uint8)
-        if src.device.type == "cpu":
+        if not m.nbytes:
+            pass
+        elif src.device.type == "cpu":
             flat_np[m.offset:m.offset + m.nbytes] = src.numpy()
         else:
             flat[m.offset:m.offset + m.nbytes].copy_(src)
+        if progress is not None:
+            progress(m.offset + m.nbytes)
 
 
 def check_header(header: WeightHeader) -> None:

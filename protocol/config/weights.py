@@ -9,8 +9,10 @@ from protocol.config.base import Section
 class WeightsConfig(Section):
     address: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ address the learner binds (ROUTER) and "
                          "actors connect to; a bind may use tcp://*:PORT, or PORT * for any free port.")
-    chunk_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Bytes of the flat weight buffer per WeightChunk "
-                             "(its payload frame); window x chunk_bytes bounds the bytes queued per actor.")
+    chunk_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Most bytes of one WeightChunk (its payload "
+                             "frame). Chunks are cut at tensor boundaries: actors use a tensor inside one chunk in "
+                             "place and copy only tensors larger than this; window x chunk_bytes bounds the bytes "
+                             "queued per actor.")
     window: int = Field(4, gt=0, description="Chunks a learner sends one actor before that actor acknowledges "
                         "(credit window; bounds the bytes queued per actor).")
     send_timeout_s: float = Field(30.0, gt=0, description="A send that cannot proceed, or an actor that returns no "

@@ -26,7 +26,7 @@ def _batches(model) -> list[list]:
 
 
 def _checksum(learner) -> float:
-    return float(sum(v.double().abs().sum() for v in learner.state_dict_for_push().values()))
+    return float(sum(v.double().abs().sum() for v in learner.cpu_state_dict().values()))
 
 
 def _worker(rank: int, port: int, model_dir: str, out: str) -> None:

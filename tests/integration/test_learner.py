@@ -61,8 +61,12 @@ def test_export_loads_in_transformers_with_identical_logits(learner, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, learner.engine.module(input_ids=ids).logits)
     assert AutoTokenizer.from_pretrained(out).vocab_size > 0
-    pushed = learner.state_dict_for_push()
+    pushed = learner.cpu_state_dict()
     assert set(pushed) >= {k for k in loaded.state_dict() if k != "lm_head.weight"}
+    params = dict(learner.engine.module.named_parameters())
+    with learner.full_weights() as weights:  # lent to the publisher without a copy
+        assert all(weights[k].data_ptr() == p.data_ptr() for k, p in params.items() if k in weights)
+        assert all(torch.equal(weights[k], pushed[k]) for k in pushed)
 
 
 def test_treerpo_with_reference_kl(tiny_model_dir):
@@ -82,7 +86,7 @@ def test_zero3_gathers_full_weights_for_push_and_export(tiny_model_dir, tmp_path
     learner = Learner(LearnerConfig(zero_stage=3, lr=1e-3, warmup_steps=0, micro_batch_tokens=64), tiny_model_dir)
     tree = with_policy_logprobs(worked_example_tree(), AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     assert learner.step([tree])["grad_norm"] > 0
-    pushed = learner.state_dict_for_push()
+    pushed = learner.cpu_state_dict()
     embed = pushed["model.embed_tokens.weight"]
     assert embed.shape == (learner.engine.module.config.vocab_size, learner.engine.module.config.hidden_size)
     loaded = AutoModelForCausalLM.from_pretrained(learner.export(tmp_path / "z3"), dtype=torch.float32)

@@ -7,7 +7,14 @@ from safetensors.torch import save
 
 from protocol.errors import ProtocolError
 from protocol.messages import TensorMeta, WeightChunk, WeightHeader
-from protocol.weight_layout import check_chunk, check_header, flatten_into, plan_layout, unflatten
+from protocol.weight_layout import (
+    check_chunk,
+    check_header,
+    flatten_into,
+    plan_chunks,
+    plan_layout,
+    unflatten,
+)
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:
@@ -63,6 +70,18 @@ def test_offsets_are_aligned_and_hole_free():
     spans = sorted((m.offset, m.offset + m.nbytes) for m in metas)
     assert spans[0][0] == 0 and spans[-1][1] == total
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_chunks_are_cut_at_tensor_boundaries_unless_a_tensor_is_larger():
+    sizes = [40, 30, 20, 100, 10, 10, 0, 50, 5]
+    metas, at = [], 0
+    for i, n in enumerate(sizes):
+        metas.append(TensorMeta(f"t{i}", "U8", [n], at, n))
+        at += n
+    assert plan_chunks(metas, 50) == [(0, 40), (40, 50), (90, 50), (140, 50), (190, 20), (210, 50), (260, 5)]
+    assert plan_chunks(metas, 1000) == [(0, 265)]
+    assert plan_chunks(metas, 1) == [(i, 1) for i in range(265)]
+    assert plan_chunks([TensorMeta("e", "F32", [0], 0, 0)], 8) == []
 
 
 def header(*tensors, total):
