@@ -2,7 +2,7 @@
 weights between two tree steps, heartbeat. `treepo actor` runs it.
 
 Loop: ask the buffer for up to `rollout.prompts_per_step` prompt leases (its admission bound may
-grant fewer, or none: then wait `retry_after_s`, still taking new weights); grow one tree per
+grant fewer, or none: then wait `retry_after_s`, or less when new weights arrive); grow one tree per
 lease with the configured sampler (one batched engine call per tree step across all of them);
 send each finished piece (`SubtreeMsg`, re-sent until acknowledged) as soon as the sampler yields
 it. Before every engine call the actor applies the newest weights the learner pushed (assembled
@@ -87,8 +87,8 @@ class ActorLoop:
         while not self.stop.is_set():
             self.between_steps()
             grant = self.client.request_prompts(self.cfg.rollout.prompts_per_step, self.engine.policy_version)
-            if not grant.leases:
-                self.stop.wait(max(grant.retry_after_s, 0.05))
+            if not grant.leases:  # no permit yet: ask again after retry_after_s, or at once when new weights
+                self.weights.wait_new(max(grant.retry_after_s, 0.05))  # arrive (they often bring the permit)
                 continue
             waited = time.perf_counter() - t0
             before = self.engine.counters.as_dict()

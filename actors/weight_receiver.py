@@ -68,6 +68,10 @@ class WeightSubscriber(ABC):
         """The newest complete version not yet taken, as (version, state_dict), or None; never blocks."""
 
     @abstractmethod
+    def wait_new(self, timeout_s: float) -> bool:
+        """Block until a version not yet taken is complete (True) or `timeout_s` passed (False)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Stop receiving and release the socket."""
 
@@ -91,6 +95,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self.assemble_s = 0.0  # time to build the last version's state dict once its last chunk arrived
         self._lock = threading.Lock()
         self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._fresh = threading.Event()  # set while `_latest` holds a version, or the thread stopped on an error
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._ctx = zmq.Context(io_threads=1)
@@ -113,7 +118,11 @@ class ZmqWeightSubscriber(WeightSubscriber):
             if self._error is not None:
                 raise WeightReceiveError(f"{self.actor_id}: weight receiver stopped") from self._error
             got, self._latest = self._latest, None
+            self._fresh.clear()
         return got
+
+    def wait_new(self, timeout_s: float) -> bool:
+        return self._fresh.wait(timeout_s)
 
     def close(self) -> None:
         self._stop.set()
@@ -127,6 +136,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         except BaseException as e:
             with self._lock:
                 self._error = e
+                self._fresh.set()  # wakes a waiter, whose next poll_latest() raises
             log.error("%s stopped: %r (raised again to the caller)", threading.current_thread().name, e)
         finally:
             self._sock.close()
@@ -203,6 +213,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self.assemble_s = time.perf_counter() - t0
         with self._lock:
             self._latest = (header.version, state_dict)
+            self._fresh.set()
         self.have = header.version
         self.versions_received.append(header.version)
         kept = _SPARE_VERSIONS * max(1, len(assembly.buffers))

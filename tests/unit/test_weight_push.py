@@ -191,6 +191,18 @@ def test_chunk_payloads_are_second_frames_holding_the_flat_buffer(publisher):
     actor.close()
 
 
+def test_wait_new_wakes_when_a_version_is_complete(publisher):
+    pub = publisher()
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "a0") as sub:
+        assert sub.wait_new(0.05) is False
+        pub.publish(1, small_model())
+        t0 = time.monotonic()
+        assert sub.wait_new(5.0) is True and time.monotonic() - t0 < 2.0
+        assert sub.wait_new(0.0) is True  # still not taken
+        assert sub.poll_latest()[0] == 1
+        assert sub.wait_new(0.05) is False
+
+
 def test_subscriber_only_ever_hands_over_the_newest(publisher):
     pub = publisher(chunk_bytes=500)
     for v in (1, 2, 3):
