@@ -18,13 +18,13 @@ with a one-thread torch/OpenMP pool; the buffer and Redis are light and left unp
 the learner's current weights); `async` keeps the config's max_staleness. Ideal ratio with generation time G
 and training time T per step: (G + T) / max(G, T), at most 2; the bench prints G and T to explain it.
 `ideal_ratio` in the JSON is that bound for the sync run's G and T, `overlap_efficiency` = measured / ideal.
-cpu-tiny as it stands is learner-bound (T about 8x G on one core each), so its bound is about 1.1; `--set`
-overrides config fields for both schedules to try other balances, e.g. a workload with G close to T:
-`--set rollout.width=2 --set rollout.segment_tokens=48 --set rollout.prompts_per_step=2
---set learner.prompts_per_step=2`. Actor `wait_s` in the metrics does not count asks that got no permit,
-so actor idle is taken from `generate_s`. Prints both side by side, then one JSON line (the last line).
+cpu-tiny as it stands is learner-bound (T about 2.2x G on one core each: the learner trains each leaf's
+full path, generation shares prefixes), so its bound is about 1.4; `--set` overrides config fields for both
+schedules to try other balances, e.g. the balanced workload of BENCHMARKS.md (G close to T):
+`--set rollout.width=2 --set rollout.max_depth=6`. Actor `wait_s` in the metrics does not count asks that
+got no permit, so actor idle is taken from `generate_s`. Prints both side by side, then one JSON line (the last line).
 
-Run: .venv/bin/python -m bench.pipeline   (about 5 minutes on 2 cores: start-up is 40-90 s per schedule)
+Run: .venv/bin/python -m bench.pipeline   (2-5 minutes on 2 cores: start-up is 30-90 s per schedule)
 """
 
 from __future__ import annotations
