@@ -98,18 +98,27 @@ def test_round_trip_bf16_and_f32_is_exact(publisher, chunk_bytes, copied):
             assert (t.data_ptr() in buffers) == (t.numel() * t.element_size() in copied), k
 
 
-def test_subscriber_assembles_chunks_cut_anywhere():
+@pytest.fixture
+def hand_learner():
+    """A hand-driven learner: a bound ROUTER, and the address a subscriber connects to."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    yield router, f"tcp://127.0.0.1:{port}"
+    router.close()
+    ctx.term()
+
+
+def test_subscriber_assembles_chunks_cut_anywhere(hand_learner):
     """Receivers accept any cut: a hand-driven learner cuts the flat buffer every 10 bytes, across tensors."""
     sd = small_model(3)
     metas, total = plan_layout(sd)
     flat = torch.empty(total, dtype=torch.uint8)
     flatten_into(sd, metas, flat)
     cuts = list(range(0, total, 10))
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    with ZmqWeightSubscriber(WeightsConfig(address=f"tcp://127.0.0.1:{port}"), "a0") as sub:
+    router, address = hand_learner
+    with ZmqWeightSubscriber(WeightsConfig(address=address), "a0") as sub:
         identity, _ = router.recv_multipart()
         router.send_multipart([identity, encode(WeightHeader(run_id="", version=1, tensors=metas, total_bytes=total,
                                                              n_chunks=len(cuts)))])
@@ -119,8 +128,6 @@ def test_subscriber_assembles_chunks_cut_anywhere():
         wait_until(lambda: sub.versions_received == [1])
         version, got = sub.poll_latest()
         assert version == 1 and all(torch.equal(got[k], t) for k, t in sd.items())
-    router.close()
-    ctx.term()
 
 
 def test_a_version_whose_copy_fails_is_withdrawn_and_the_next_one_arrives(publisher):
@@ -300,13 +307,10 @@ SIXTEEN = WeightHeader(run_id="", version=1, tensors=[TensorMeta("w", "F32", [4]
      "outside"),
     ([[encode(SIXTEEN), bytes(16)]], r"WeightHeader with 1 extra frame\(s\)"),
 ])
-def test_subscriber_refuses_bad_chunk_frames(messages, match):
+def test_subscriber_refuses_bad_chunk_frames(messages, match, hand_learner):
     """A hand-driven learner sends a valid header and then chunk frames that break the framing rules."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    with ZmqWeightSubscriber(WeightsConfig(address=f"tcp://127.0.0.1:{port}"), "a0") as sub:
+    router, address = hand_learner
+    with ZmqWeightSubscriber(WeightsConfig(address=address), "a0") as sub:
         identity, hello = router.recv_multipart()
         assert isinstance(decode(hello), Hello)
         for frames in messages:
@@ -319,8 +323,6 @@ def test_subscriber_refuses_bad_chunk_frames(messages, match):
         cause = e.value.__cause__
         assert isinstance(cause, ProtocolError) and cause.reason == "malformed" and re.search(match, str(cause))
         assert sub.versions_received == []
-    router.close()
-    ctx.term()
 
 
 def test_subscriber_surfaces_a_foreign_run(publisher):
