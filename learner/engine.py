@@ -75,6 +75,21 @@ class GradClipHook:
         self.norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
 
 
+def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict (detached) without the tensors that are the same memory as an earlier one: with tied
+    embeddings `lm_head.weight` is `model.embed_tokens.weight`, and pushing it would send those bytes twice
+    (a fifth of SmolLM2-135M, half of the tiny model). Receivers re-tie (`HfEngine.load_weights`, vLLM's loader)."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach()
+    return out
+
+
 class Learner:
     """Trains one policy with DeepSpeed; every rank of the process group builds one."""
 
@@ -181,15 +196,16 @@ class Learner:
     def full_weights(self) -> Iterator[dict[str, torch.Tensor]]:
         """The full weights by HF parameter name, as the parameters themselves (no copy, on their device),
         valid inside the block only: under ZeRO-3 they are gathered for it (collective). The weight
-        publisher copies them once, straight into its snapshot."""
+        publisher copies them once, straight into its snapshot. Tied weights appear once (see
+        `without_aliases`)."""
         module = self.engine.module
         if self.cfg.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                yield {k: v.detach() for k, v in module.state_dict().items()}
+                yield without_aliases(module.state_dict())
         else:
-            yield {k: v.detach() for k, v in module.state_dict().items()}
+            yield without_aliases(module.state_dict())
 
     def cpu_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the full weights on CPU, by HF parameter name (collective under ZeRO-3)."""

@@ -66,6 +66,7 @@ def test_export_loads_in_transformers_with_identical_logits(learner, tmp_path):
     params = dict(learner.engine.module.named_parameters())
     with learner.full_weights() as weights:  # lent to the publisher without a copy
         assert all(weights[k].data_ptr() == p.data_ptr() for k, p in params.items() if k in weights)
+        assert "lm_head.weight" not in weights  # tied to the embedding: its bytes travel once
         assert all(torch.equal(weights[k], pushed[k]) for k in pushed)
 
 
