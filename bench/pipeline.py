@@ -24,7 +24,8 @@ schedules to try other balances, e.g. the balanced workload of BENCHMARKS.md (G 
 `--set rollout.width=2 --set rollout.max_depth=6`. Actor `wait_s` in the metrics does not count asks that
 got no permit, so actor idle is taken from `generate_s`. Prints both side by side, then one JSON line (the last line).
 
-Run: .venv/bin/python -m bench.pipeline   (2-5 minutes on 2 cores: start-up is 30-90 s per schedule)
+Run: .venv/bin/python -m bench.pipeline   (2-5 minutes on 2 cores: start-up is 30-90 s per schedule);
+order-balanced: .venv/bin/python -m bench.pipeline --rounds 2 --schedules sync,async   (sync, async, async, sync)
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="measured learner steps per schedule")
     p.add_argument("--warmup", type=int, default=2, help="learner steps excluded before the measured ones")
     p.add_argument("--schedules", default="async,sync", help="order in which the schedules run")
+    p.add_argument("--rounds", type=int, default=1, help="run the schedules this many times, the order reversed "
+                   "every other round (ABBA), and report each figure's median over a schedule's runs: the schedule "
+                   "that runs first is often slower on a shared machine")
     p.add_argument("--actor-core", type=int, default=0)
     p.add_argument("--learner-core", type=int, default=1)
     p.add_argument("--out", default="runs/bench-pipeline")
@@ -144,8 +148,12 @@ def main() -> None:
     base = PipelineConfig.model_validate(data)
     cpus = {"actor": [args.actor_core], "learner": [args.learner_core]}
     load_before = os.getloadavg()[0]
-    res = {s: run_schedule(base, s, Path(args.out), args.warmup, args.steps, cpus, args.timeout)
-           for s in args.schedules.split(",")}
+    order = args.schedules.split(",")
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in order}
+    for r in range(args.rounds):
+        for s in order if r % 2 == 0 else order[::-1]:
+            runs[s].append(run_schedule(base, s, Path(args.out), args.warmup, args.steps, cpus, args.timeout))
+    res = {s: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for s, rs in runs.items()}
     load_after = os.getloadavg()[0]
     report(args, base, res, load_before, load_after)
 
@@ -191,6 +199,7 @@ def report(args: argparse.Namespace, base: PipelineConfig, res: dict[str, dict[s
         headline |= {"ideal_ratio": ideal, "overlap_efficiency": ratio / ideal, "target_ratio": 1.8,
                      "meets_target": ratio >= 1.8}
     headline |= {"config": args.config, "overrides": " ".join(args.set), "steps": args.steps, "warmup": args.warmup,
+                 "rounds": args.rounds, "order": args.schedules,
                  "load_before": load_before, "load_after": load_after}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()}))
 
