@@ -6,8 +6,8 @@ arrive (acknowledging each chunk, which is the learner's credit to send the next
 frame is validated against its WeightChunk and the WeightHeader first). A tensor that lies inside
 one chunk is a view of that chunk's received ZeroMQ frame (no copy; the learner cuts chunks at
 tensor boundaries, `protocol.weight_layout.plan_chunks`); a tensor spread over several chunks is
-copied piece by piece into a buffer of its own. The tree sampler calls `poll_latest()` between two tree steps: it returns the newest complete version
-not yet taken, or None, and never blocks. A version that arrives before the previous one was
+copied piece by piece into a buffer of its own. The tree sampler calls `poll_latest()` between two
+tree steps: it returns the newest complete version not yet taken, or None, and never blocks. A version that arrives before the previous one was
 taken replaces it (an actor applies only the newest). While idle the thread sends a Heartbeat with
 the version it holds every `heartbeat_s` (this also rejoins a restarted learner); a transfer that
 brings no chunk for `stall_timeout_s`, or a Shutdown from the learner, drops the partial version

@@ -92,9 +92,8 @@ class JsonlTail:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    """Every complete row of a JSONL file (none if it does not exist yet)."""
+    return JsonlTail(path).new_rows()
 
 
 def reward_by_step(rows: list[dict]) -> list[tuple[float, float]]:

@@ -150,13 +150,14 @@ class LearnerLoop:
             data = tree_metrics(trees, lrn.policy_version)
             stepped_from = lrn.step_count
             metrics = lrn.step(trees)
-            skipped = 0 if lrn.step_count > stepped_from else skipped + 1
+            # a batch without a trained token (every group filtered) makes no step: no new version to push or save
+            stepped = lrn.step_count > stepped_from
+            skipped = 0 if stepped else skipped + 1
             if self.rank == 0:
                 self.source.commit(batch, lrn.policy_version)
-            # a batch without a trained token (every group filtered) makes no step: no new version to push or save
-            if lrn.step_count > stepped_from and lrn.step_count % cfg.push_every == 0:
+            if stepped and lrn.step_count % cfg.push_every == 0:
                 self._publish()
-            if lrn.step_count > stepped_from and lrn.step_count % cfg.checkpoint_every == 0:
+            if stepped and lrn.step_count % cfg.checkpoint_every == 0:
                 lrn.save_checkpoint(self.ckpt_dir)
             if self.sink is not None:
                 total = time.perf_counter() - t0

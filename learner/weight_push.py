@@ -206,10 +206,10 @@ class ZmqWeightPublisher(WeightPublisher):
 
         def written(nbytes: int) -> None:
             nonlocal due
-            snap.ready = nbytes
-            if due < len(chunks) and snap.is_ready(due):
-                while due < len(chunks) and snap.is_ready(due):
-                    due += 1
+            snap.ready, first = nbytes, due
+            while due < len(chunks) and snap.is_ready(due):
+                due += 1
+            if due > first:  # a chunk became ready: wake the sending thread
                 with self._cond:
                     self._wake_tx.send(b"")
 

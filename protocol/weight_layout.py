@@ -11,7 +11,7 @@ which `check_chunk` validates before any byte is used. The sender cuts chunks at
 (`plan_chunks`): consecutive tensors share a chunk of at most the chunk size, and a larger tensor
 spans chunks of its own; so a receiver can view every tensor that fits in a chunk inside that
 chunk's frame and copies only the tensors larger than a chunk. Receivers accept any cut.
-`flatten_into` writes the buffer, `unflatten` views a whole buffer as tensors again.
+`flatten_into` writes the buffer; the receiver (`actors/weight_receiver.py`) views it as tensors again.
 
 Imports torch; `protocol/__init__` does not import this module, so the codec stays torch-free.
 """
@@ -89,13 +89,12 @@ def flatten_into(state_dict: dict[str, torch.Tensor], metas: list[TensorMeta], f
     """
     flat_np = flat.numpy()
     for m in sorted(metas, key=lambda m: m.offset):
-        src = state_dict[m.name].detach().reshape(-1).view(torch.uint8)
-        if not m.nbytes:
-            pass
-        elif src.device.type == "cpu":
-            flat_np[m.offset:m.offset + m.nbytes] = src.numpy()
-        else:
-            flat[m.offset:m.offset + m.nbytes].copy_(src)
+        if m.nbytes:
+            src = state_dict[m.name].detach().reshape(-1).view(torch.uint8)
+            if src.device.type == "cpu":
+                flat_np[m.offset:m.offset + m.nbytes] = src.numpy()
+            else:
+                flat[m.offset:m.offset + m.nbytes].copy_(src)
         if progress is not None:
             progress(m.offset + m.nbytes)
 
@@ -144,11 +143,3 @@ def check_chunk(header: WeightHeader, chunk: WeightChunk, payload_nbytes: int, d
     if (chunk.index == header.n_chunks - 1) != (end == header.total_bytes):
         raise ProtocolError("malformed", f"{where}: ends at byte {end}; only the last of {header.n_chunks} chunks "
                             f"ends at {header.total_bytes}")
-
-
-def unflatten(header: WeightHeader, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Tensors viewing `flat` (a 1-D uint8 tensor holding the whole buffer; no copy), in the header's order."""
-    if flat.dtype != torch.uint8 or flat.shape != (header.total_bytes,):
-        raise ProtocolError("malformed", f"weights v{header.version}: {flat.numel()} bytes, header says {header.total_bytes}")
-    return {m.name: flat[m.offset:m.offset + m.nbytes].view(TORCH_DTYPES[m.dtype]).view(m.shape)
-            for m in header.tensors}

@@ -65,3 +65,20 @@ def unframe(wire: bytes) -> tuple[list, bytes]:
     n = struct.unpack_from("<I", wire)[0]
     env = msgpack.unpackb(wire[4:4 + n], ext_hook=msgpack.ExtType)
     return env, wire[4 + n + (-(4 + n) % 8):]
+
+
+def mixed_state_dict() -> dict:
+    """A state dict of every kind of tensor the weight push must carry: bf16, f32, a 0-d f64, int32, bool,
+    f16 and an empty tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "embed": torch.randn(37, 16, generator=g).to(torch.bfloat16),
+        "w": torch.randn(16, 16, generator=g),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "ids": torch.arange(5, dtype=torch.int32),
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(3, generator=g).to(torch.float16),
+        "empty": torch.zeros(0, 7),
+    }

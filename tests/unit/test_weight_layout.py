@@ -13,21 +13,8 @@ from protocol.weight_layout import (
     flatten_into,
     plan_chunks,
     plan_layout,
-    unflatten,
 )
-
-
-def mixed_state_dict() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "embed": torch.randn(37, 16, generator=g).to(torch.bfloat16),
-        "w": torch.randn(16, 16, generator=g),
-        "scalar": torch.tensor(2.5, dtype=torch.float64),
-        "ids": torch.arange(5, dtype=torch.int32),
-        "mask": torch.tensor([True, False, True]),
-        "half": torch.randn(3, generator=g).to(torch.float16),
-        "empty": torch.zeros(0, 7),
-    }
+from tests.factories import mixed_state_dict
 
 
 def flat_of(sd):
@@ -37,16 +24,12 @@ def flat_of(sd):
     return metas, total, flat.numpy().tobytes()
 
 
-def test_flat_buffer_round_trips_exactly():
+def test_flat_buffer_holds_every_byte_once():
     sd = mixed_state_dict()
     metas, total, flat = flat_of(sd)
     assert len(flat) == total == sum(t.numel() * t.element_size() for t in sd.values())
-    header = WeightHeader(run_id="r", version=1, tensors=metas, total_bytes=total, n_chunks=1)
-    check_header(header)
-    out = unflatten(header, torch.frombuffer(bytearray(flat), dtype=torch.uint8))
-    assert list(out) == list(sd)  # the state dict's order
-    for k, t in sd.items():
-        assert out[k].dtype == t.dtype and out[k].shape == t.shape and torch.equal(out[k], t), k
+    check_header(WeightHeader(run_id="r", version=1, tensors=metas, total_bytes=total, n_chunks=1))
+    assert [m.name for m in metas] == list(sd)  # the header keeps the state dict's order
 
 
 def test_layout_matches_safetensors_bytes_and_dtype_names():

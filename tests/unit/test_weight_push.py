@@ -12,6 +12,7 @@ from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Hello, Shutdown, TensorMeta, WeightChunk, WeightHeader
 from protocol.weight_layout import flatten_into, plan_layout
+from tests.factories import mixed_state_dict
 
 
 def small_model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -108,6 +109,19 @@ def hand_learner():
     yield router, f"tcp://127.0.0.1:{port}"
     router.close()
     ctx.term()
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 1 << 20])
+def test_every_dtype_and_an_empty_tensor_round_trip_in_the_state_dicts_order(publisher, chunk_bytes):
+    sd = mixed_state_dict()
+    pub = publisher(chunk_bytes=chunk_bytes)
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "a0") as sub:
+        pub.publish(1, sd)
+        pub.wait_delivered(1, timeout_s=5)
+        version, got = sub.poll_latest()
+    assert version == 1 and list(got) == list(sd)
+    for k, t in sd.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
 
 
 def test_subscriber_assembles_chunks_cut_anywhere(hand_learner):
