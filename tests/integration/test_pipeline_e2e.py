@@ -29,7 +29,7 @@ from protocol.config import load_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 24
+STEPS = 30  # cpu-tiny's own run length (at 24 steps one CI run's reward rose by 0.08 only, under the 0.1 asked)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,10 @@ def actor_pid(out: Path, actor_id: str) -> int:
 
 def test_learner_trains_on_fresh_weights_and_reward_rises(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics" / "learner.jsonl").read_text().splitlines()]
-    assert len(rows) >= 20 and rows[-1]["step"] == STEPS
+    # every step, or an early end once the task is solved (learner.stop_after_skipped batches without signal)
+    trailing = next(i for i, r in enumerate(reversed(rows)) if not r["skipped"])
+    limit = load_config(run_dir / "config.yaml").learner.stop_after_skipped
+    assert rows[-1]["step"] == STEPS or (rows[-1]["step"] >= 20 and trailing >= limit), (rows[-1]["step"], trailing)
     first = np.mean([r["reward_mean"] for r in rows[:5]])
     last = np.mean([r["reward_mean"] for r in rows[-5:]])
     assert last - first > 0.1, (first, last)
