@@ -57,22 +57,25 @@ def _sequence(ta: TreeAdvantages, leaf: int, trained: dict[int, float]) -> Seque
     return Sequence(np.concatenate([prompt, tree.path_tokens(leaf)]).astype(np.int32), adv, logprobs, mask)
 
 
+def trained_rows(ta: TreeAdvantages) -> list[tuple[int, dict[int, float]]]:
+    """The tree's training rows as (leaf, {node id: advantage of the segments that row trains}), in leaf order.
+
+    The one definition of what each estimator trains, shared by the per-leaf rows here and the
+    tree-packed layout (`learner.tree_layout`)."""
+    if ta.level == "leaf":
+        return [(leaf, dict.fromkeys(ta.tree.path_ids(leaf), a)) for leaf, a in ta.values.items()]
+    out, assigned = [], set()
+    for leaf in ta.tree.leaf_ids.tolist():
+        own = {n: ta.values[n] for n in ta.tree.path_ids(leaf) if n in ta.values and n not in assigned}
+        if own:
+            assigned.update(own)
+            out.append((leaf, own))
+    return out
+
+
 def build_sequences(batch: list[TreeAdvantages]) -> list[Sequence]:
     """Training rows of the batch, in tree order then leaf order."""
-    out = []
-    for ta in batch:
-        if ta.level == "leaf":
-            for leaf, a in ta.values.items():
-                path = ta.tree.path_ids(leaf)
-                out.append(_sequence(ta, leaf, dict.fromkeys(path, a)))
-            continue
-        assigned: set[int] = set()
-        for leaf in ta.tree.leaf_ids.tolist():
-            own = {n: ta.values[n] for n in ta.tree.path_ids(leaf) if n in ta.values and n not in assigned}
-            if own:
-                assigned.update(own)
-                out.append(_sequence(ta, leaf, own))
-    return out
+    return [_sequence(ta, leaf, trained) for ta in batch for leaf, trained in trained_rows(ta)]
 
 
 @dataclass
@@ -118,24 +121,30 @@ def collate(rows: list[Sequence], pad_id: int) -> MicroBatch:
                       loss_mask=stack("loss_mask", 0.0, torch.float32))
 
 
-def pack(rows: list[Sequence], token_budget: int, pad_id: int) -> list[MicroBatch]:
-    """Micro-batches of padded size (rows x longest) <= token_budget; longest rows first."""
-    too_long = [len(r) for r in rows if len(r) > token_budget]
+def group_by_budget(items: list, token_budget: int) -> list[list]:
+    """Items (anything with a length in tokens) sorted longest first and cut greedily into groups whose
+    padded size (items x longest) stays within `token_budget`."""
+    too_long = [len(r) for r in items if len(r) > token_budget]
     if too_long:
         raise ValueError(f"a sequence of {max(too_long)} tokens exceeds learner.micro_batch_tokens={token_budget}")
-    ordered = sorted(rows, key=len, reverse=True)
-    groups: list[list[Sequence]] = []
-    for r in ordered:
+    groups: list[list] = []
+    for r in sorted(items, key=len, reverse=True):
         if groups and (len(groups[-1]) + 1) * len(groups[-1][0]) <= token_budget:
             groups[-1].append(r)
         else:
             groups.append([r])
-    return [collate(g, pad_id) for g in groups]
+    return groups
 
 
-def split_for_ranks(rows: list[Sequence], world_size: int) -> list[list[Sequence]]:
-    """Deal rows to data-parallel ranks, longest first, each to the rank with the fewest tokens so far."""
-    shards: list[list[Sequence]] = [[] for _ in range(world_size)]
+def pack(rows: list[Sequence], token_budget: int, pad_id: int) -> list[MicroBatch]:
+    """Micro-batches of padded size (rows x longest) <= token_budget; longest rows first."""
+    return [collate(g, pad_id) for g in group_by_budget(rows, token_budget)]
+
+
+def split_for_ranks(rows: list, world_size: int) -> list[list]:
+    """Deal rows (or tree units: anything with a length in tokens) to data-parallel ranks, longest first,
+    each to the rank with the fewest tokens so far."""
+    shards: list[list] = [[] for _ in range(world_size)]
     load = [0] * world_size
     for r in sorted(rows, key=len, reverse=True):
         k = load.index(min(load))

@@ -1,7 +1,8 @@
 """The learner: a DeepSpeed engine around a transformers causal LM, one optimizer step per batch of trees.
 
-`Learner.step(trees)`: advantages (`learner.advantage`) -> one row per leaf (`learner.batch`) ->
-rows dealt to the data-parallel ranks -> micro-batches within the token budget -> forward,
+`Learner.step(trees)`: advantages (`learner.advantage`) -> the batch laid out for training, either
+tree-packed (`learner.tree_layout`: each tree's unique tokens once, dealt to the ranks by unique tokens)
+or one row per leaf (`learner.batch`) -> micro-batches within the token budget -> forward,
 `policy_loss`, backward per micro-batch (gradients accumulate) -> one optimizer step. Every rank
 is given the same trees (the step's global batch) and derives its own share deterministically, so
 the ranks agree on the micro-batch count (a rank short of data runs an empty micro-batch) and on
@@ -23,6 +24,7 @@ policy version. `export` writes safetensors + config + tokenizer that transforme
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,12 +36,16 @@ from pathlib import Path
 import torch
 
 from learner.advantage import compute_advantages
-from learner.batch import build_sequences, empty_micro_batch, pack, split_for_ranks
+from learner.batch import MicroBatch, build_sequences, empty_micro_batch, pack, split_for_ranks
 from learner.distributed import init_distributed
 from learner.forward import micro_batch_loss
 from learner.loss import LossSettings, LossStats
+from learner.tree_attention import pad_multiple, tree_packing_refusal
+from learner.tree_layout import PackedMicroBatch, empty_packed_micro_batch, pack_units, tree_units
 from protocol.config.learner import LearnerConfig
 from protocol.tree import Tree
+
+log = logging.getLogger("treepo.learner")
 
 
 def warmup_factor(warmup_steps: int):
@@ -62,6 +68,20 @@ def deepspeed_config(cfg: LearnerConfig, bf16: bool) -> dict:
 
 def own_clipping(cfg: LearnerConfig, bf16: bool) -> bool:
     return cfg.zero_stage == 0 and not bf16
+
+
+def choose_packing(packing: str, config) -> str:
+    """`learner.packing` resolved for a model: "auto" is tree where the model supports it; an explicit
+    tree on a model that does not is a start-up error naming the field."""
+    refusal = tree_packing_refusal(config)
+    if packing == "tree" and refusal:
+        raise ValueError(f"learner.packing=tree: {refusal}")
+    if packing == "auto":
+        if refusal:
+            log.warning("learner.packing=auto trains per-leaf rows: %s", refusal)
+            return "rows"
+        return "tree"
+    return packing
 
 
 class GradClipHook:
@@ -108,6 +128,8 @@ class Learner:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+        self.packing = choose_packing(cfg.packing, model.config)
+        self.pad_multiple = pad_multiple(model.config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(cfg.warmup_steps))
         self.clip_hook = None
@@ -128,21 +150,27 @@ class Learner:
         """One optimizer step on the batch; metrics of the whole batch (identical on every rank)."""
         start = time.perf_counter()
         batch, metrics = compute_advantages(trees, self.cfg)
-        rows = build_sequences(batch)
-        total = float(sum(r.loss_mask.sum() for r in rows))
-        metrics["sequences"] = float(len(rows))
+        if self.packing == "tree":
+            items = tree_units(batch, self.cfg.micro_batch_tokens)
+            total = float(sum(len(u.entry_token) for u in items))
+            metrics["sequences"] = float(sum(len(u.row_index) for u in items))
+        else:
+            items = build_sequences(batch)
+            total = float(sum(r.loss_mask.sum() for r in items))
+            metrics["sequences"] = float(len(items))
         if total == 0:  # every group filtered: no step, but the same metric keys as a step (zeros)
             metrics.update(skipped=1.0, step=float(self.step_count), policy_version=float(self.policy_version),
-                           micro_batches=0.0, tokens=0.0, step_time_s=time.perf_counter() - start, tokens_per_s=0.0)
+                           micro_batches=0.0, tokens=0.0, row_tokens=0.0, row_tokens_over_tokens=0.0,
+                           step_time_s=time.perf_counter() - start, tokens_per_s=0.0, row_tokens_per_s=0.0)
             return metrics
-        packed = [pack(shard, self.cfg.micro_batch_tokens, self.pad_id) for shard in split_for_ranks(rows, self.world)]
+        packed = [self._micro_batches(shard) for shard in split_for_ranks(items, self.world)]
         n_micro = max(len(p) for p in packed)
-        mine = packed[self.rank] + [empty_micro_batch(self.pad_id)] * (n_micro - len(packed[self.rank]))
+        mine = packed[self.rank] + [self._empty_micro_batch()] * (n_micro - len(packed[self.rank]))
         stats = LossStats()
         self.engine.train()
         for mb in mine:
             loss, st = micro_batch_loss(self.engine, mb.to(self.device), self.settings, total / self.world,
-                                        self.ref_model)
+                                        self.ref_model, self.cfg.logit_chunk_tokens)
             self.engine.backward(loss, scale_wrt_gas=False)
             stats.merge(st)
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this update uses
@@ -152,12 +180,24 @@ class Learner:
         stats = self._all_reduce(stats)
         elapsed = time.perf_counter() - start
         processed = float(sum(mb.real_tokens for p in packed for mb in p))
+        row_tokens = float(sum(mb.row_tokens if self.packing == "tree" else mb.real_tokens for p in packed for mb in p))
         metrics.update(stats.summary())
         metrics.update(skipped=0.0, loss=stats.loss / total, grad_norm=self._grad_norm(),
                        lr=lr, step=float(self.step_count),
                        policy_version=float(self.policy_version), micro_batches=float(n_micro), tokens=processed,
-                       step_time_s=elapsed, tokens_per_s=processed / elapsed)
+                       row_tokens=row_tokens, row_tokens_over_tokens=row_tokens / processed,
+                       step_time_s=elapsed, tokens_per_s=processed / elapsed, row_tokens_per_s=row_tokens / elapsed)
         return metrics
+
+    def _micro_batches(self, shard: list) -> list[MicroBatch | PackedMicroBatch]:
+        if self.packing == "tree":
+            return pack_units(shard, self.cfg.micro_batch_tokens, self.pad_id, self.pad_multiple)
+        return pack(shard, self.cfg.micro_batch_tokens, self.pad_id)
+
+    def _empty_micro_batch(self) -> MicroBatch | PackedMicroBatch:
+        if self.packing == "tree":
+            return empty_packed_micro_batch(self.pad_id, self.pad_multiple)
+        return empty_micro_batch(self.pad_id)
 
     def _grad_norm(self) -> float:
         """Norm of the step's gradient before clipping."""

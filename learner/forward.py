@@ -1,13 +1,21 @@
 """One micro-batch through a causal LM: per-token log-probs and entropy, then the policy loss.
 
-Logits at position t-1 predict token t, so every output here has one column fewer than the
-micro-batch (`[:, 1:]` of its per-token arrays). Only the positions t-1 whose token t is trained
-(`loss_mask[:, t] > 0`) go through the LM head: the model is called for its final hidden states
-(`output_hidden_states`, with `logits_to_keep` empty so that it computes no logits itself), the
-output embedding is applied to the selected hidden rows, and a float32 log-softmax over the
-vocabulary gives log pi(token_t | tokens_<t) there. Every other position (prompt, padding,
-untrained context) is 0 in the outputs. The entropy is that of the full next-token distribution
-at the same positions, computed without grad, for metrics only.
+Two layouts (`learner.packing`):
+- rows (`learner.batch.MicroBatch`): one right-padded row per leaf. Logits at position t-1 predict
+  token t, so every output has one column fewer than the micro-batch (`[:, 1:]` of its arrays).
+- tree (`learner.tree_layout.PackedMicroBatch`): each unique token once, with the tree attention
+  mask (`learner.tree_attention`); each unique trained token is predicted by the hidden state its
+  `predictors` entry names, and the log-probs are then gathered into one value per loss entry
+  (per-leaf row and trained token), which is what the loss sees.
+
+Either way only the positions that predict a trained token go through the LM head: the model is
+called for its final hidden states (`output_hidden_states`, with `logits_to_keep` empty so that it
+computes no logits itself), the output embedding is applied to the selected hidden rows, and a
+log-softmax over the vocabulary in float32 (or the model's dtype when wider) gives log pi(token | context) there. The head runs in
+chunks of `logit_chunk` positions; with more than one chunk each chunk is recomputed in the
+backward pass (activation checkpointing), so peak memory holds one chunk x vocabulary of logits,
+not all of them. The entropy is that of the full next-token distribution at the same positions,
+computed without grad, for metrics only.
 
 The shortcut assumes the model's logits are its output embedding of the final hidden state, with
 nothing after it (no soft-cap or scaling, as in Gemma, Cohere or Granite), so it accepts only the
@@ -20,46 +28,102 @@ import torch
 
 from learner.batch import MicroBatch
 from learner.loss import LossSettings, LossStats, policy_loss
+from learner.tree_attention import tree_attention_mask
+from learner.tree_layout import PackedMicroBatch
+from protocol.config.learner import LearnerConfig
 
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+DEFAULT_LOGIT_CHUNK: int = LearnerConfig.model_fields["logit_chunk_tokens"].default
 
 
-def token_logprobs(model: torch.nn.Module, mb: MicroBatch,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(token_t | tokens_<t) for t >= 1 where token t is trained, else 0: [B, T-1] float32;
-    and the entropy there if asked. `model` is a HF causal LM or a DeepSpeed engine around one."""
-    hf_model = getattr(model, "module", model)  # under DeepSpeed, `model.config` is the engine's
+def _plain_head_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside `model` (a DeepSpeed engine's `config` is its own), checked for a plain head."""
+    hf_model = getattr(model, "module", model)
     model_type = hf_model.config.model_type
     if model_type not in PLAIN_HEAD_MODELS:
         raise NotImplementedError(f"token_logprobs applies the bare output embedding; model type {model_type!r} "
                                   f"is not among those known to have no logit soft-cap or scaling: "
                                   f"{sorted(PLAIN_HEAD_MODELS)}")
-    no_logits = torch.empty(0, dtype=torch.long, device=mb.input_ids.device)
-    # through `model` itself, not `hf_model`: a DeepSpeed engine hooks the outputs for its backward
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
+    return hf_model
+
+
+def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = head(hidden)
+    vocab_logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    picked = vocab_logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return picked, None
+    with torch.no_grad():
+        return picked, -(vocab_logprobs.exp() * vocab_logprobs).sum(-1)
+
+
+def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, logit_chunk: int,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log-softmax(head(hidden))[targets] for hidden [N, H], targets [N]: [N], float32 at least; and the entropy.
+
+    In chunks of `logit_chunk` rows; when there are several, each is recomputed in the backward pass."""
+    if len(hidden) <= logit_chunk:
+        return _head_chunk(head, hidden, targets, with_entropy)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(_head_chunk, head, h, t, with_entropy, use_reentrant=False)
+             for h, t in zip(hidden.split(logit_chunk), targets.split(logit_chunk), strict=True)]
+    picked = torch.cat([p for p, _ in parts])
+    return picked, torch.cat([e for _, e in parts]) if with_entropy else None
+
+
+def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    # through `model` itself, not the HF model inside: a DeepSpeed engine hooks the outputs for its backward
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
+    return out.hidden_states[-1]
+
+
+def token_logprobs(model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False,
+                   logit_chunk: int = DEFAULT_LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows: log pi(token_t | tokens_<t) for t >= 1 where token t is trained, else 0: [B, T-1] float32;
+    and the entropy there if asked. `model` is a HF causal LM or a DeepSpeed engine around one."""
+    hf_model = _plain_head_model(model)
+    hidden = _final_hidden(model, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                           position_ids=mb.position_ids)
     trained = mb.loss_mask[:, 1:] > 0
-    logits = hf_model.get_output_embeddings()(out.hidden_states[-1][:, :-1][trained]).float()  # [N, V]
-    vocab_logprobs = torch.log_softmax(logits, dim=-1)
-    picked = vocab_logprobs.gather(-1, mb.input_ids[:, 1:][trained].unsqueeze(-1)).squeeze(-1)
+    picked, entropy = head_logprobs(hf_model.get_output_embeddings(), hidden[:, :-1][trained],
+                                    mb.input_ids[:, 1:][trained], logit_chunk, with_entropy)
     logprobs = picked.new_zeros(trained.shape).masked_scatter(trained, picked)
     if not with_entropy:
         return logprobs, None
-    with torch.no_grad():
-        entropy = -(vocab_logprobs.exp() * vocab_logprobs).sum(-1)
     return logprobs, picked.new_zeros(trained.shape).masked_scatter(trained, entropy)
 
 
-def micro_batch_loss(model: torch.nn.Module, mb: MicroBatch, settings: LossSettings, normaliser: float,
-                     ref_model: torch.nn.Module | None = None) -> tuple[torch.Tensor, LossStats]:
+def packed_token_logprobs(model: torch.nn.Module, mb: PackedMicroBatch, with_entropy: bool = False,
+                          logit_chunk: int = DEFAULT_LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tree: log pi of each loss entry's token, float32 [E] (each unique token computed once, then
+    gathered); and the entropy there if asked."""
+    hf_model = _plain_head_model(model)
+    mask = tree_attention_mask(mb.subtree_end, hf_model.config, hf_model.dtype)
+    hidden = _final_hidden(model, input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids)
+    picked, entropy = head_logprobs(hf_model.get_output_embeddings(), hidden.flatten(0, 1)[mb.predictors],
+                                    mb.input_ids.flatten()[mb.targets], logit_chunk, with_entropy)
+    return picked[mb.entry_slots], entropy[mb.entry_slots] if with_entropy else None
+
+
+def micro_batch_loss(model: torch.nn.Module, mb: MicroBatch | PackedMicroBatch, settings: LossSettings,
+                     normaliser: float, ref_model: torch.nn.Module | None = None,
+                     logit_chunk: int = DEFAULT_LOGIT_CHUNK) -> tuple[torch.Tensor, LossStats]:
     """The micro-batch's share of the step loss (its token sum / `normaliser`) and its statistics."""
-    logprobs, entropy = token_logprobs(model, mb, with_entropy=True)
+    logprobs_of = packed_token_logprobs if isinstance(mb, PackedMicroBatch) else token_logprobs
+    logprobs, entropy = logprobs_of(model, mb, with_entropy=True, logit_chunk=logit_chunk)
     ref = None
     if ref_model is not None:
         with torch.no_grad():
-            ref, _ = token_logprobs(ref_model, mb)
-    mask = mb.loss_mask[:, 1:]
-    loss, stats = policy_loss(logprobs, mb.behaviour_logprobs[:, 1:], mb.advantages[:, 1:], mask, settings,
-                              ref_logprobs=ref, normaliser=normaliser)
+            ref, _ = logprobs_of(ref_model, mb, logit_chunk=logit_chunk)
+    if isinstance(mb, PackedMicroBatch):
+        behaviour, advantages = mb.behaviour_logprobs, mb.advantages
+        mask = torch.ones_like(advantages)
+    else:
+        behaviour, advantages, mask = mb.behaviour_logprobs[:, 1:], mb.advantages[:, 1:], mb.loss_mask[:, 1:]
+    loss, stats = policy_loss(logprobs, behaviour, advantages, mask, settings, ref_logprobs=ref,
+                              normaliser=normaliser)
     stats.entropy = float((entropy * mask).sum())
     return loss, stats

@@ -35,8 +35,17 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     prompts_per_step: int = Field(8, gt=0, description="Trees (prompts) per optimizer step.")
+    packing: Literal["auto", "tree", "rows"] = Field(
+        "auto", description="How a batch is laid out for the forward pass. tree: each tree's tokens once (its prompt "
+        "and every shared segment forwarded once, with a tree attention mask), the loss expanded to the per-leaf rows' "
+        "terms by gather, so it equals rows; rows: one padded row per leaf (the reference). auto: tree when the model "
+        "supports it (sdpa, eager or flex_attention attention, no sliding window), else rows.")
     micro_batch_tokens: int = Field(8192, gt=0, description="Token budget of one micro-batch: rows x longest row "
-                                    "after padding; a longer single sequence is an error.")
+                                    "after padding, where a row is a leaf's sequence (rows packing) or a tree's "
+                                    "unique tokens (tree packing); a longer single sequence is an error.")
+    logit_chunk_tokens: int = Field(1024, gt=0, description="The LM head, log-softmax and entropy run on at most this "
+                                    "many trained positions at a time; with more, each chunk is recomputed in the "
+                                    "backward pass, so peak memory holds one chunk x vocabulary of logits.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
     stop_after_skipped: int = Field(50, ge=0, description="End the run early (checkpoint, export, exit 0) after this "

@@ -40,13 +40,36 @@ def test_steps_raise_positive_and_lower_negative_leaves(learner):
     for key in before:
         assert (after[key] > before[key]) == (key in up), key
     first = metrics[0]
-    # behaviour = the current weights: importance weight 1, no clipping; rows 9,9,9 / 9,5,5 / 5 in <= 32 tokens
+    # behaviour = the current weights: importance weight 1, no clipping; tree-packed (the default): the trees'
+    # 21 and 9 unique tokens in two micro-batches of <= 32 tokens, for rows of 9,9,9,9 / 5,5,5 tokens
     assert first["importance_weight"] == pytest.approx(1.0, abs=1e-5)
     assert first["clip_frac_low"] == first["clip_frac_high"] == 0.0
     assert first["trained_tokens"] == 4 * 6 + 3 * 2 and first["sequences"] == 7
-    assert first["micro_batches"] == 3 and first["grad_norm"] > 0 and first["lr"] == 1e-3
+    assert (first["tokens"], first["row_tokens"]) == (21 + 9, 4 * 9 + 3 * 5)
+    assert first["micro_batches"] == 2 and first["grad_norm"] > 0 and first["lr"] == 1e-3
     assert metrics[2]["step"] == metrics[2]["policy_version"] == 3
     assert metrics[2]["importance_weight"] > 1.0  # the policy moved away from the behaviour log-probs
+
+
+@pytest.mark.parametrize("estimator", ["treepo", "treerpo", "grpo"])
+def test_tree_packed_steps_equal_per_leaf_rows(tiny_model_dir, estimator):
+    """Three DeepSpeed steps each way on the same trees: the same losses, gradient norms and weights (fp32)."""
+    tree = worked_example_tree(seg_lens={1: 3, 2: 1, 3: 2, 4: 5, 5: 4, 6: 1})
+    flat = tree_from_edges({1: 0, 2: 0, 3: 0}, {1: 1.0, 2: -1.0, 3: 0.0}, tree_id="flat", first_token=500)
+    runs = {}
+    for packing in ("rows", "tree"):
+        learner = Learner(LearnerConfig(estimator=estimator, packing=packing, lr=1e-3, warmup_steps=0,
+                                        micro_batch_tokens=32, kl_coef=0.1), tiny_model_dir)
+        assert learner.packing == packing
+        runs[packing] = ([learner.step([tree, flat]) for _ in range(3)], learner.cpu_state_dict())
+    (rows, rows_weights), (packed, packed_weights) = runs["rows"], runs["tree"]
+    for r, p in zip(rows, packed, strict=True):
+        for key in ("loss", "grad_norm", "importance_weight", "ref_kl", "entropy", "trained_tokens", "sequences"):
+            assert p[key] == pytest.approx(r[key], rel=1e-4, abs=1e-7), key
+        assert p["tokens"] < r["tokens"] and p["row_tokens"] == r["row_tokens"] == r["tokens"]
+    for name, w in rows_weights.items():  # Adam moves a weight by up to lr per step whatever its gradient's size,
+        # so a float32 rounding difference on a near-zero gradient can show up to a fraction of lr
+        torch.testing.assert_close(packed_weights[name], w, rtol=0, atol=1e-4)
 
 
 def test_export_loads_in_transformers_with_identical_logits(learner, tmp_path):
