@@ -126,7 +126,8 @@ class Learner:
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
         dtype = torch.bfloat16 if gpu else torch.float32
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype,
+                                                     attn_implementation=cfg.attn_implementation)
         self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
         self.packing = choose_packing(cfg.packing, model.config)
         self.pad_multiple = pad_multiple(model.config)
@@ -140,7 +141,8 @@ class Learner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, gpu))
         self.ref_model = None
         if cfg.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation).to(self.device).eval()
             self.ref_model.requires_grad_(False)
         self.step_count = 0
         self.policy_version = 0

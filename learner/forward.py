@@ -11,7 +11,8 @@ Two layouts (`learner.packing`):
 Either way only the positions that predict a trained token go through the LM head: the model is
 called for its final hidden states (`output_hidden_states`, with `logits_to_keep` empty so that it
 computes no logits itself), the output embedding is applied to the selected hidden rows, and a
-log-softmax over the vocabulary in float32 (or the model's dtype when wider) gives log pi(token | context) there. The head runs in
+log-softmax over the vocabulary in float32 (or the model's dtype when wider; `PickedLogprob`, one
+fused pass) gives log pi(token | context) there. The head runs in
 chunks of `logit_chunk` positions; with more than one chunk each chunk is recomputed in the
 backward pass (activation checkpointing), so peak memory holds one chunk x vocabulary of logits,
 not all of them. The entropy is that of the full next-token distribution at the same positions,
@@ -47,15 +48,39 @@ def _plain_head_model(model: torch.nn.Module) -> torch.nn.Module:
     return hf_model
 
 
-def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+class PickedLogprob(torch.autograd.Function):
+    """(log softmax(logits)[target], entropy of softmax(logits)) per row of logits [N, V], in one pass.
+
+    Forward: one exp over the logits (shifted by the row max) gives the probabilities p, from which come
+    the log-normaliser, the picked log-prob and the entropy (no grad: a metric). It keeps p alone for the
+    backward, where the gradient of the picked log-prob is g * (onehot(target) - p): no second exp, no
+    dense gather gradient, and one [N, V] tensor alive between the passes instead of autograd's log-softmax
+    output plus the gradients it builds."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top = logits.amax(-1, keepdim=True)
+        probs = (logits - top).exp_()
+        total = probs.sum(-1, keepdim=True)
+        probs.div_(total)
+        log_norm = (top + total.log()).squeeze(-1)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        entropy = log_norm - (probs * logits).sum(-1)
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked: torch.Tensor, grad_entropy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, targets = ctx.saved_tensors
+        grad = probs * -grad_picked.unsqueeze(-1)
+        return grad.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1)), None
+
+
+def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden)
-    vocab_logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    picked = vocab_logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return picked, None
-    with torch.no_grad():
-        return picked, -(vocab_logprobs.exp() * vocab_logprobs).sum(-1)
+    return PickedLogprob.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
 
 
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, logit_chunk: int,
@@ -64,13 +89,14 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
 
     In chunks of `logit_chunk` rows; when there are several, each is recomputed in the backward pass."""
     if len(hidden) <= logit_chunk:
-        return _head_chunk(head, hidden, targets, with_entropy)
-    from torch.utils.checkpoint import checkpoint
+        picked, entropy = _head_chunk(head, hidden, targets)
+    else:
+        from torch.utils.checkpoint import checkpoint
 
-    parts = [checkpoint(_head_chunk, head, h, t, with_entropy, use_reentrant=False)
-             for h, t in zip(hidden.split(logit_chunk), targets.split(logit_chunk), strict=True)]
-    picked = torch.cat([p for p, _ in parts])
-    return picked, torch.cat([e for _, e in parts]) if with_entropy else None
+        parts = [checkpoint(_head_chunk, head, h, t, use_reentrant=False)
+                 for h, t in zip(hidden.split(logit_chunk), targets.split(logit_chunk), strict=True)]
+        picked, entropy = torch.cat([p for p, _ in parts]), torch.cat([e for _, e in parts])
+    return picked, entropy if with_entropy else None
 
 
 def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:

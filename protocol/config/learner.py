@@ -40,6 +40,11 @@ class LearnerConfig(Section):
         "and every shared segment forwarded once, with a tree attention mask), the loss expanded to the per-leaf rows' "
         "terms by gather, so it equals rows; rows: one padded row per leaf (the reference). auto: tree when the model "
         "supports it (sdpa, eager or flex_attention attention, no sliding window), else rows.")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "sdpa", description="The learner model's attention backend (transformers' attn_implementation). Tree packing "
+        "takes sdpa (a boolean tree mask; dense, fine on CPU), eager (an additive mask) or flex_attention (a block-"
+        "sparse BlockMask of the same tree predicate, for GPU: FlexAttention has no CPU backward); flash_attention_2 "
+        "trains rows only.")
     micro_batch_tokens: int = Field(8192, gt=0, description="Token budget of one micro-batch: rows x longest row "
                                     "after padding, where a row is a leaf's sequence (rows packing) or a tree's "
                                     "unique tokens (tree packing); a longer single sequence is an error.")

@@ -60,7 +60,7 @@ def test_trained_positions_match_the_full_logits(model):
     ref_grads = _grads(model, ref_logprobs, mb)
     assert len(grads) == len(ref_grads) and any(g.abs().max() > 0 for g in grads)
     for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_refuses_a_model_whose_head_does_more_than_the_output_embedding():

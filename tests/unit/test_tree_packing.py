@@ -11,8 +11,9 @@ import torch
 
 from learner.advantage import TreeAdvantages, compute_advantages
 from learner.batch import build_sequences, collate
-from learner.forward import head_logprobs, packed_token_logprobs, token_logprobs
+from learner.forward import PickedLogprob, head_logprobs, packed_token_logprobs, token_logprobs
 from learner.loss import LossSettings, policy_loss
+from learner.tree_attention import FLEX_BLOCK, pad_multiple
 from learner.tree_layout import collate_units, tree_units
 from protocol.config.learner import LearnerConfig
 from tests.fixtures.learner import tree_from_edges, worked_example_tree
@@ -91,6 +92,19 @@ def test_eager_attention_takes_an_additive_mask():
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-6)
 
 
+def test_flex_attention_block_mask_gives_the_rows_logprobs():
+    """The GPU backend's BlockMask (same predicate, T padded to 128) on CPU: forward only, as FlexAttention has
+    no CPU backward; float32, as its CPU kernel computes in float32 (the GPU run checks the backward)."""
+    model = _model("llama").float()
+    batch = _irregular_batch()
+    ref_lp, *_ = _rows_logprobs(model, batch)
+    model.config._attn_implementation = "flex_attention"
+    with torch.no_grad():
+        lp, _ = packed_token_logprobs(model, _packed(batch, pad_multiple(model.config)))
+    assert pad_multiple(model.config) == FLEX_BLOCK
+    torch.testing.assert_close(lp, ref_lp.detach(), rtol=0, atol=1e-5)
+
+
 def _proximal(logprobs: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
     """Proximal log-probs that differ from the current ones, chosen per token (by its behaviour log-prob,
     which both layouts hold alike) so that the clip below, above and the dual clip all fire."""
@@ -157,7 +171,13 @@ def test_loss_gradients_and_an_adamw_step_equal_the_rows(estimator, kind):
         torch.testing.assert_close(p_t, p_r, rtol=0, atol=1e-8)
 
 
-def test_the_chunked_head_equals_one_pass_and_its_gradients():
+def test_the_fused_head_passes_gradcheck():
+    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 3, 5, 7])
+    assert torch.autograd.gradcheck(lambda x: PickedLogprob.apply(x, targets)[0], (logits,))
+
+
+def test_the_chunked_head_equals_log_softmax_and_one_pass():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False).double()
     hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
@@ -168,6 +188,13 @@ def test_the_chunked_head_equals_one_pass_and_its_gradients():
         grads = torch.autograd.grad((lp * torch.linspace(-1, 1, 23, dtype=torch.float64)).sum(),
                                     [hidden, head.weight])
         out[chunk] = (lp.detach(), ent, grads)
+    reference = torch.log_softmax(head(hidden), -1)
+    ref_grads = torch.autograd.grad((reference.gather(-1, targets[:, None])[:, 0]
+                                     * torch.linspace(-1, 1, 23, dtype=torch.float64)).sum(), [hidden, head.weight])
+    torch.testing.assert_close(out[64][0], reference.gather(-1, targets[:, None])[:, 0].detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[64][1], -(reference.exp() * reference).sum(-1).detach(), rtol=0, atol=1e-12)
+    for a, b in zip(out[64][2], ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch.testing.assert_close(out[5][0], out[64][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(out[5][1], out[64][1], rtol=0, atol=1e-12)
     for a, b in zip(out[5][2], out[64][2], strict=True):
