@@ -26,7 +26,7 @@ from actors.weight_receiver import ZmqWeightSubscriber
 from buffer.client import BufferClient
 from learner.metrics_sink import MetricsSink
 from models import materialise_model
-from protocol.config.pipeline import PipelineConfig
+from protocol.config import PipelineConfig, config_warnings
 from protocol.messages import PromptLease
 from protocol.role_process import add_config_argument, start_role
 
@@ -35,7 +35,12 @@ log = logging.getLogger("treepo.actor")
 
 def make_engine(cfg: PipelineConfig, model_dir: Path) -> Engine:
     if cfg.engine.kind == "vllm":
+        import torch
+
         from actors.vllm_engine import VllmEngine
+
+        for warning in config_warnings(cfg, gpu=torch.cuda.is_available()):
+            log.warning(warning)
 
         return VllmEngine(model_dir, cfg.engine, seed=cfg.run.seed)
     from actors.hf_engine import HfEngine
@@ -107,7 +112,9 @@ class ActorLoop:
             self.sink.log(rounds, {"trees": float(trees), "reward_mean": sum(rewards) / max(1, len(rewards)),
                                    "generate_s": gen_s, "wait_s": waited, "policy_version": float(self.engine.policy_version),
                                    "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
-                                   "generated_tokens_per_s": delta.get("generated_tokens", 0.0) / gen_s, **delta})
+                                   "generated_tokens_per_s": delta.get("generated_tokens", 0.0) / gen_s,
+                                   "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
+                                   **delta})
             t0 = time.perf_counter()
         self.client.flush(timeout_s=self.cfg.buffer.resend_timeout_s * 4)
 

@@ -4,7 +4,8 @@ Every tree step is ONE `LLM.generate` call carrying every request of the step as
 (`TokensPrompt`), in the order the sampler gives (by prompt, then by path: siblings sit next to
 each other, which is what prefix-cache locality wants). Sibling paths and a path's next segment
 share their prefix in the paged KV cache; `output.num_cached_tokens` says how many prompt tokens
-were served from it (whole blocks only: `block_size` tokens each).
+were served from it (whole blocks only: `block_size` tokens each; by default the smallest block the
+platform supports, `protocol.config.engine.vllm_block_size`).
 
 Weights are replaced in place (STACK.md): the new state dict is written as one safetensors file in
 a private folder, every worker reloads from it (`collective_rpc("reload_weights", ...)`, which
@@ -16,6 +17,7 @@ the old weights would be reused. Building `LLM` spawns the engine process: calle
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -26,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult
-from protocol.config.engine import EngineConfig
+from protocol.config.engine import EngineConfig, vllm_block_size
 
 
 def _set_cpu_env(cfg: EngineConfig) -> None:
@@ -44,14 +46,30 @@ def _retie_embeddings(worker) -> None:
     model.lm_head.quant_method.process_weights_after_loading(model.lm_head)  # CPU: re-dispatch its GEMM
 
 
+class _HarmlessReloadWarnings(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" for the two layers whose tensors a pushed version never
+    carries, and which are right without them: vLLM's in-place reload puts a layer's existing tensors back when
+    the checkpoint has none for it. RotaryEmbedding's cos/sin cache is computed from the config, not loaded;
+    ParallelLMHead, with tied embeddings, is the embedding, which travels once (`learner.engine.without_aliases`)
+    and which `_retie_embeddings` points the head at after every reload (tests/integration/test_engines.py
+    compares log-probs with transformers after a reload). Any other layer still warns."""
+
+    HARMLESS = frozenset({"RotaryEmbedding", "ParallelLMHead"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.HARMLESS)
+
+
+def _quiet_harmless_reload_warnings(worker) -> None:
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_HarmlessReloadWarnings())
+
+
 class VllmEngine(Engine):
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, seed: int = 0, policy_version: int = 0):
         _set_cpu_env(cfg)
         from vllm import LLM
 
-        kwargs: dict = {}
-        if cfg.block_size:
-            kwargs["block_size"] = cfg.block_size
+        kwargs: dict = {"block_size": vllm_block_size(cfg, gpu=torch.cuda.is_available())}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
@@ -65,6 +83,7 @@ class VllmEngine(Engine):
             eos.add(tok.eos_token_id)
         self.eos_token_ids = frozenset(int(e) for e in eos if e is not None)
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
+        self.llm.collective_rpc(_quiet_harmless_reload_warnings)
         self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self.policy_version = policy_version
         self.counters = EngineCounters()

@@ -18,8 +18,8 @@ with a one-thread torch/OpenMP pool; the buffer and Redis are light and left unp
 the learner's current weights); `async` keeps the config's max_staleness. Ideal ratio with generation time G
 and training time T per step: (G + T) / max(G, T), at most 2; the bench prints G and T to explain it.
 `ideal_ratio` in the JSON is that bound for the sync run's G and T, `overlap_efficiency` = measured / ideal.
-cpu-tiny as it stands is learner-bound (T about 2.2x G on one core each: the learner trains each leaf's
-full path, generation shares prefixes), so its bound is about 1.4; `--set` overrides config fields for both
+cpu-tiny as it stands is somewhat learner-bound (T about 1.4x G on one core each, with tree-packed training;
+2.5x with per-leaf rows, `--set learner.packing=rows`), so its bound is about 1.7; `--set` overrides config fields for both
 schedules to try other balances, e.g. the balanced workload of BENCHMARKS.md (G close to T):
 `--set rollout.width=2 --set rollout.max_depth=6`. Actor `wait_s` in the metrics does not count asks that
 got no permit, so actor idle is taken from `generate_s`. Prints both side by side, then one JSON line (the last line).

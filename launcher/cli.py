@@ -12,7 +12,7 @@ import importlib
 import sys
 from importlib.metadata import version
 
-from protocol.config import ConfigError, dump_config, load_config
+from protocol.config import ConfigError, config_warnings, dump_config, load_config
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("run the whole pipeline on this machine: Redis, buffer, actors, learner", "launcher.up"),
@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
+    import torch
+
+    for warning in config_warnings(cfg, gpu=torch.cuda.is_available()):
+        print(f"treepo: warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(dump_config(cfg), end="")
     else:

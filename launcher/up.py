@@ -181,7 +181,7 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
         dead: set[str] = set()
         learner_rows, actor_tails = JsonlTail(metrics_dir / "learner.jsonl"), {}
         first = last = None
-        trees = gen_tokens = 0.0
+        trees = gen_tokens = prompt_tokens = cached_tokens = 0.0
         while learner.alive():
             try:
                 time.sleep(1.0)
@@ -195,7 +195,10 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
                 trees += row["trees"]
             for path in metrics_dir.glob("actor-*.jsonl"):
                 tail = actor_tails.setdefault(path, JsonlTail(path))
-                gen_tokens += sum(r.get("generated_tokens", 0.0) for r in tail.new_rows())
+                for r in tail.new_rows():
+                    gen_tokens += r["generated_tokens"]
+                    prompt_tokens += r["prompt_tokens"]
+                    cached_tokens += r["cached_tokens"]
             for name, child in children.items():
                 if name != "learner" and not child.alive() and name not in dead:
                     dead.add(name)
@@ -203,7 +206,8 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
             if last is not None:
                 elapsed = max(1e-9, last["time"] - first["time"] + first["iteration_s"])
                 info = (f"reward {last['reward_mean']:+.3f}  trees/s {trees / elapsed:.2f}  "
-                        f"gen tok/s {gen_tokens / elapsed:.0f}  train tok/s {last['tokens_per_s']:.0f}  "
+                        f"gen tok/s {gen_tokens / elapsed:.0f}  cache hits {100 * cached_tokens / max(1.0, prompt_tokens):.0f}%  "
+                        f"train tok/s {last['row_tokens_per_s']:.0f}  "
                         f"staleness {last['staleness_mean']:.1f}  versions {int(last['tree_version_min'])}.."
                         f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%")
                 progress.update(task, completed=int(last["step"]), info=info)

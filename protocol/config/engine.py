@@ -15,6 +15,16 @@ class EngineConfig(Section):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM's share of GPU memory.")
     block_size: int = Field(0, ge=0, description="vLLM KV-cache block size in tokens; prefix-cache hits come in "
-                            "whole blocks (0 = vLLM's default: 128 on CPU, 16 on GPU). Smaller blocks cache more of "
-                            "a tree's shared prefixes.")
+                            "whole blocks, so smaller blocks serve more of a tree's shared prefixes from the cache. "
+                            "0 = the smallest the platform supports: 32 on vLLM-CPU (its attention needs a multiple "
+                            "of 32; vLLM's own CPU default, 128, is longer than most prompt + segment prefixes, so "
+                            "nothing hits), 16 on GPU.")
     enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")
+
+
+SMALLEST_VLLM_BLOCK = {"cpu": 32, "gpu": 16}
+
+
+def vllm_block_size(cfg: EngineConfig, gpu: bool) -> int:
+    """The KV block size the vLLM engine runs with: `engine.block_size`, or the platform's smallest."""
+    return cfg.block_size or SMALLEST_VLLM_BLOCK["gpu" if gpu else "cpu"]

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from protocol.config.base import Section
 from protocol.config.buffer import BufferConfig
-from protocol.config.engine import EngineConfig
+from protocol.config.engine import EngineConfig, vllm_block_size
 from protocol.config.learner import LearnerConfig
 from protocol.config.model import ModelConfig
 from protocol.config.prompts import PromptsConfig
@@ -61,6 +61,20 @@ class PipelineConfig(Section):
         if self.run.schedule == "sync":
             self.buffer.max_staleness = 0
         return self
+
+
+def config_warnings(cfg: PipelineConfig, gpu: bool) -> list[str]:
+    """Settings that run but defeat their purpose, each naming the fields (start-up and `--dry-run` print them)."""
+    out = []
+    if cfg.engine.kind == "vllm":
+        block = vllm_block_size(cfg.engine, gpu)
+        reach = cfg.prompts.max_prompt_tokens + cfg.rollout.segment_tokens
+        if block > reach:
+            out.append(f"engine.block_size={cfg.engine.block_size} runs {block}-token KV blocks, longer than "
+                       f"prompts.max_prompt_tokens ({cfg.prompts.max_prompt_tokens}) + rollout.segment_tokens "
+                       f"({cfg.rollout.segment_tokens}) = {reach}: prefix-cache hits come in whole blocks, so the "
+                       f"prompt and first segment a tree's paths share are recomputed by every path")
+    return out
 
 
 class ConfigError(ValueError):

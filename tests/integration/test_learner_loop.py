@@ -38,10 +38,10 @@ def test_a_batch_without_signal_makes_no_step_and_the_loop_goes_on(redis_server,
         assert store.counters()["consumed"] == 3
         rows = [json.loads(line) for line in (tmp_path / "metrics" / "learner.jsonl").read_text().splitlines()]
         assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0]
-        read_by_up = ("step", "time", "iteration_s", "trees", "reward_mean", "tokens_per_s", "staleness_mean",
+        read_by_up = ("step", "time", "iteration_s", "trees", "reward_mean", "row_tokens_per_s", "staleness_mean",
                       "tree_version_min", "policy_version", "idle_fraction")  # `treepo up`'s progress line
         assert all(k in r for r in rows for k in read_by_up)  # a skipped row lacked tokens_per_s: up crashed
-        assert (rows[1]["step"], rows[1]["policy_version"], rows[1]["tokens_per_s"]) == (1.0, 1.0, 0.0)
+        assert (rows[1]["step"], rows[1]["policy_version"], rows[1]["row_tokens_per_s"]) == (1.0, 1.0, 0.0)
     finally:
         loop.close()
 

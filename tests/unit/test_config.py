@@ -54,3 +54,25 @@ def test_cli_bad_config_exits_2_naming_field(tmp_path, capsys):
     f.write_text("learner:\n  zero_stage: 7\n")
     assert main(["config", str(f)]) == 2
     assert "learner.zero_stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("block,gpu,want", [(0, False, 32), (0, True, 16), (64, False, 64), (128, True, 128)])
+def test_vllm_block_size_defaults_to_the_platforms_smallest(block, gpu, want):
+    from protocol.config.engine import EngineConfig, vllm_block_size
+
+    assert vllm_block_size(EngineConfig(block_size=block), gpu) == want
+
+
+def test_a_block_that_cannot_hit_is_reported_naming_the_fields(tmp_path, capsys):
+    from protocol.config import config_warnings
+
+    short = {"prompts": {"max_prompt_tokens": 64}, "rollout": {"segment_tokens": 8}}
+    f = tmp_path / "c.yaml"
+    f.write_text("engine:\n  block_size: 128\nprompts:\n  max_prompt_tokens: 64\nrollout:\n  segment_tokens: 8\n")
+    (warning,) = config_warnings(load_config(f, environ={}), gpu=False)
+    assert "engine.block_size=128" in warning and "prompts.max_prompt_tokens (64)" in warning
+    assert "rollout.segment_tokens (8) = 72" in warning
+    assert main(["config", str(f)]) == 0 and "engine.block_size=128" in capsys.readouterr().err
+    assert config_warnings(PipelineConfig.model_validate(short), gpu=False) == []  # the default block: 32 <= 72
+    transformers = PipelineConfig.model_validate({**short, "engine": {"kind": "transformers", "block_size": 128}})
+    assert config_warnings(transformers, gpu=False) == []  # its cache is token-granular
