@@ -7,12 +7,10 @@ engine call, and each completion is a depth-1 "tree" (w children of the root). A
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from actors.boxed import last_boxed
-from actors.prompts import PromptItem
+from actors.engine import SegmentResult
 from actors.sampler_base import SamplerBase
-from actors.tree_state import Path, TreePiece
+from actors.tree_state import Path, PromptTree
 
 
 class IndependentSampler(SamplerBase):
@@ -21,14 +19,12 @@ class IndependentSampler(SamplerBase):
     def max_new_tokens(self, path: Path) -> int:
         return self.cfg.max_depth * self.cfg.segment_tokens
 
-    def grow(self, items: list[PromptItem]) -> Iterator[TreePiece]:
-        trees = [self.new_tree(item) for item in items]
-        for t in trees:
-            t.queue = [Path()] * self.cfg.width
-        for t, path, result in self.step(trees):
+    def first_requests(self) -> int:
+        return self.cfg.width
+
+    def advance(self, t: PromptTree, grown: list[tuple[Path, SegmentResult]]) -> None:
+        for path, result in grown:
             text = self.text(path)
             reason = ("max_tokens" if result.finish == "length" else
                       "finished" if last_boxed(text) is not None else "eos")
             t.finish(path, reason, text, self.scorer)
-        for t in trees:
-            yield from t.pieces(final=True)

@@ -3,9 +3,10 @@ weights between two tree steps, heartbeat. `treepo actor` runs it.
 
 Loop: ask the buffer for up to `rollout.prompts_per_step` prompt leases (its admission bound may
 grant fewer, or none: then wait `retry_after_s`, or less when new weights arrive); grow one tree per
-lease with the configured sampler (one batched engine call per tree step across all of them);
-send each finished piece (`SubtreeMsg`, re-sent until acknowledged) as soon as the sampler yields
-it. Before every engine call the actor applies the newest weights the learner pushed (assembled
+lease with the configured sampler as a pool of `prompts_per_step` slots (one batched engine call per
+step carries every open tree's paths; when trees finish, their slots are offered to the buffer again
+before the next step, so no round waits for its slowest tree); send each finished piece (`SubtreeMsg`,
+re-sent until acknowledged) as soon as the sampler yields it. Before every engine call the actor applies the newest weights the learner pushed (assembled
 off the hot path by the subscriber's thread), so segments generated after the swap carry the new
 policy version; it also renews its leases and reads the buffer's acks there.
 """
@@ -29,6 +30,7 @@ from models import materialise_model
 from protocol.config import PipelineConfig, config_warnings
 from protocol.messages import PromptLease
 from protocol.role_process import add_config_argument, start_role
+from protocol.tree import Tree
 
 log = logging.getLogger("treepo.actor")
 
@@ -46,6 +48,19 @@ def make_engine(cfg: PipelineConfig, model_dir: Path) -> Engine:
     from actors.hf_engine import HfEngine
 
     return HfEngine(model_dir, cfg.engine)
+
+
+class _RoundRow:
+    """What one metrics row of the actor covers: from its start, the trees finished and their rewards."""
+
+    def __init__(self, counters: dict[str, int], waited: float):
+        self.counters, self.waited, self.start = counters, waited, time.perf_counter()
+        self.trees = 0
+        self.rewards: list[float] = []
+
+    def add(self, tree: Tree) -> None:
+        self.trees += 1
+        self.rewards += tree.rewards.tolist()
 
 
 class ActorLoop:
@@ -86,37 +101,52 @@ class ActorLoop:
                           token_ids=render(self.engine.tokenizer, self.cfg.prompts, lease.prompt),
                           entry=self.entries.get(lease.prompt_id, {}), tree_id=lease.tree_id)
 
+    def _refill(self, free: int) -> list[PromptItem]:
+        """Prompts for the pool's free slots, as the buffer's admission grants them now (none once stopping)."""
+        if self.stop.is_set():
+            return []
+        return [self._item(lease) for lease in self.client.request_prompts(free, self.engine.policy_version).leases]
+
     def run(self) -> None:
+        """Grow a pool of `rollout.prompts_per_step` trees; each finished tree's slot is refilled at the next
+        step. A metrics row per `prompts_per_step` finished trees (a round's worth), and when the pool drains."""
         rounds = 0
+        slots = self.cfg.rollout.prompts_per_step
         t0 = time.perf_counter()  # waiting for a grant (admission, back-pressure) counts from here
         while not self.stop.is_set():
             self.between_steps()
-            grant = self.client.request_prompts(self.cfg.rollout.prompts_per_step, self.engine.policy_version)
+            grant = self.client.request_prompts(slots, self.engine.policy_version)
             if not grant.leases:  # no permit yet: ask again after retry_after_s, or at once when new weights
                 self.weights.wait_new(max(grant.retry_after_s, 0.05))  # arrive (they often bring the permit)
                 continue
             waited = time.perf_counter() - t0
-            before = self.engine.counters.as_dict()
-            t1 = time.perf_counter()
-            trees = 0
-            rewards: list[float] = []
-            for piece in self.sampler.grow([self._item(lease) for lease in grant.leases]):
+            row = _RoundRow(self.engine.counters.as_dict(), waited)
+            for piece in self.sampler.grow([self._item(lease) for lease in grant.leases], refill=self._refill,
+                                           slots=slots):
                 self.client.send(piece.message(self.actor_id))
                 if piece.final and piece.whole is not None:
-                    trees += 1
-                    rewards += piece.whole.rewards.tolist()
-            gen_s = time.perf_counter() - t1
-            after = self.engine.counters.as_dict()
-            delta = {k: float(after[k] - before[k]) for k in after}
-            rounds += 1
-            self.sink.log(rounds, {"trees": float(trees), "reward_mean": sum(rewards) / max(1, len(rewards)),
-                                   "generate_s": gen_s, "wait_s": waited, "policy_version": float(self.engine.policy_version),
-                                   "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
-                                   "generated_tokens_per_s": delta.get("generated_tokens", 0.0) / gen_s,
-                                   "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
-                                   **delta})
+                    row.add(piece.whole)
+                    if row.trees >= slots:
+                        rounds += 1
+                        self._log(rounds, row)
+                        row = _RoundRow(self.engine.counters.as_dict(), 0.0)
+            if row.trees:
+                rounds += 1
+                self._log(rounds, row)
             t0 = time.perf_counter()
         self.client.flush(timeout_s=self.cfg.buffer.resend_timeout_s * 4)
+
+    def _log(self, rounds: int, row: _RoundRow) -> None:
+        gen_s = time.perf_counter() - row.start
+        after = self.engine.counters.as_dict()
+        delta = {k: float(after[k] - row.counters[k]) for k in after}
+        self.sink.log(rounds, {"trees": float(row.trees), "reward_mean": sum(row.rewards) / max(1, len(row.rewards)),
+                               "generate_s": gen_s, "wait_s": row.waited,
+                               "policy_version": float(self.engine.policy_version),
+                               "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
+                               "generated_tokens_per_s": delta["generated_tokens"] / gen_s,
+                               "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
+                               **delta})
 
     def close(self) -> None:
         self.weights.close()

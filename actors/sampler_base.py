@@ -52,8 +52,41 @@ class SamplerBase(ABC):
         """Token budget of the next segment of `path`."""
 
     @abstractmethod
-    def grow(self, items: list[PromptItem]) -> Iterator[TreePiece]:
-        """Grow one tree per prompt; yield pieces as they complete (the final piece of each tree last)."""
+    def first_requests(self) -> int:
+        """How many copies of the root a new tree queues."""
+
+    @abstractmethod
+    def advance(self, tree: PromptTree, grown: list[tuple[Path, SegmentResult]]) -> None:
+        """Take one tree's grown paths of a step: finish leaves, queue its next requests (none: it is complete)."""
+
+    def start(self, item: PromptItem) -> PromptTree:
+        tree = self.new_tree(item)
+        tree.queue = [Path()] * self.first_requests()
+        return tree
+
+    def grow(self, items: list[PromptItem], refill: Callable[[int], list[PromptItem]] | None = None,
+             slots: int | None = None) -> Iterator[TreePiece]:
+        """Grow one tree per prompt; yield pieces as they complete (each tree's final piece last).
+
+        With `refill`, the trees are a pool of `slots` (default len(items)): after every step the free
+        slots are offered to `refill(free)`, whose prompts' trees join the next engine call, so a tree
+        that needs many steps (deep paths, fallbacks) holds back no other (continuous batching). It ends
+        when no tree is open and `refill` hands in nothing."""
+        slots = slots or len(items)
+        open_trees = [self.start(item) for item in items]
+        while open_trees:
+            grown: dict[int, list[tuple[Path, SegmentResult]]] = {id(t): [] for t in open_trees}
+            for t, path, result in self.step(open_trees):
+                grown[id(t)].append((path, result))
+            still_open = []
+            for t in open_trees:
+                self.advance(t, grown[id(t)])
+                if t.queue:
+                    still_open.append(t)
+                yield from t.pieces(final=not t.queue)
+            open_trees = still_open
+            if refill is not None and len(open_trees) < slots:
+                open_trees += [self.start(item) for item in refill(slots - len(open_trees))]
 
     def sample(self, items: list[PromptItem]) -> list[Tree]:
         """The whole trees, in prompt order (no streaming)."""

@@ -15,14 +15,12 @@ Simplifications: `traj_filter_min_len`, the token-budget modes (`by_infer_step_t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from actors.budget import spread, step_budget
+from actors.engine import SegmentResult
 from actors.fallback import fallback_paths
-from actors.prompts import PromptItem
 from actors.sampler_base import SamplerBase
 from actors.stop_rules import classify
-from actors.tree_state import Path, PromptTree, TreePiece
+from actors.tree_state import Path, PromptTree
 
 
 class TreePOSampler(SamplerBase):
@@ -42,35 +40,22 @@ class TreePOSampler(SamplerBase):
         hi = min(c.init_branching_max, c.width)
         return int(self.rng.integers(c.init_branching, hi + 1)) if hi > c.init_branching else c.init_branching
 
-    def grow(self, items: list[PromptItem]) -> Iterator[TreePiece]:
-        trees = [self.new_tree(item) for item in items]
-        for t in trees:
-            t.queue = [Path()] * self.initial_branching()
-        open_trees = list(trees)
-        while open_trees:
-            grown = self.step(open_trees)
-            active: dict[int, list[Path]] = {id(t): [] for t in open_trees}
-            finished_now = dict.fromkeys(active, 0)
-            for t, path, result in grown:
-                seg_text = self.segment_text(path)
-                reason = classify(self.cfg, seg_text, result.finish, len(path.tokens), self.max_tokens, path.depth)
-                if reason is None:
-                    active[id(t)].append(path)
-                else:
-                    t.finish(path, reason, self.text(path), self.scorer)
-                    finished_now[id(t)] += 1
-            for t in open_trees:
-                self._requeue(t, active[id(t)], finished_now[id(t)])
-            still_open = []
-            for t in open_trees:
-                if t.queue:
-                    still_open.append(t)
-                    yield from t.pieces(final=False)
-                else:
-                    if len(t.leaves) != self.cfg.width:
-                        raise AssertionError(f"tree {t.tree_id} ended with {len(t.leaves)} leaves, not {self.cfg.width}")
-                    yield from t.pieces(final=True)
-            open_trees = still_open
+    def first_requests(self) -> int:
+        return self.initial_branching()
+
+    def advance(self, t: PromptTree, grown: list[tuple[Path, SegmentResult]]) -> None:
+        active, finished_now = [], 0
+        for path, result in grown:
+            reason = classify(self.cfg, self.segment_text(path), result.finish, len(path.tokens), self.max_tokens,
+                              path.depth)
+            if reason is None:
+                active.append(path)
+            else:
+                t.finish(path, reason, self.text(path), self.scorer)
+                finished_now += 1
+        self._requeue(t, active, finished_now)
+        if not t.queue and len(t.leaves) != self.cfg.width:
+            raise AssertionError(f"tree {t.tree_id} ended with {len(t.leaves)} leaves, not {self.cfg.width}")
 
     def _requeue(self, t: PromptTree, active: list[Path], finished_now: int) -> None:
         c = self.cfg

@@ -10,12 +10,10 @@ budget transfer, as in the paper). The TreePO repetition detector is not applied
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from actors.boxed import last_boxed
-from actors.prompts import PromptItem
+from actors.engine import SegmentResult
 from actors.sampler_base import SamplerBase
-from actors.tree_state import Path, TreePiece
+from actors.tree_state import Path, PromptTree
 from protocol.tree import SamplingSettings, StopReason
 
 
@@ -45,19 +43,13 @@ class TreeRPOSampler(SamplerBase):
             return "max_depth"
         return None
 
-    def grow(self, items: list[PromptItem]) -> Iterator[TreePiece]:
-        trees = [self.new_tree(item) for item in items]
-        n = self.cfg.treerpo_children
-        for t in trees:
-            t.queue = [Path()] * n
-        open_trees = list(trees)
-        while open_trees:
-            for t, path, result in self.step(open_trees):
-                reason = self.stop_reason(path, result.finish)
-                if reason is None:
-                    t.queue += [path] * n
-                else:
-                    t.finish(path, reason, self.text(path), self.scorer)
-            for t in open_trees:
-                yield from t.pieces(final=not t.queue)
-            open_trees = [t for t in open_trees if t.queue]
+    def first_requests(self) -> int:
+        return self.cfg.treerpo_children
+
+    def advance(self, t: PromptTree, grown: list[tuple[Path, SegmentResult]]) -> None:
+        for path, result in grown:
+            reason = self.stop_reason(path, result.finish)
+            if reason is None:
+                t.queue += [path] * self.cfg.treerpo_children
+            else:
+                t.finish(path, reason, self.text(path), self.scorer)

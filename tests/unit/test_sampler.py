@@ -297,3 +297,59 @@ def test_fallback_happens_and_still_w(policy):
     check_tree(tree, c)
     assert queue_sizes(eng) == [2, 4]  # 2 leaves, r = 4: 2 candidates x min(b, r) = 2 copies each
     assert sampler.fallbacks == 1
+
+
+# ---------------------------------------------------------------- the pool: continuous tree batching
+def _slow_first_prompt(eng: ScriptedEngine) -> None:
+    """p0's paths never stop; every other prompt's paths stop at their second segment (prompts are 5 tokens,
+    p0's first token is 0)."""
+    eng.stops = lambda r, g: r.token_ids[0] != 0 and len(r.token_ids) > 5
+
+
+def _refill_from(rest: list[PromptItem], offered: list[int]):
+    def refill(free: int) -> list[PromptItem]:
+        offered.append(free)
+        got, rest[:] = rest[:free], rest[free:]
+        return got
+    return refill
+
+
+def test_a_slow_tree_holds_back_no_other_tree_in_the_pool():
+    """TreePO, 4 slots, 10 prompts: p0 needs d = 10 steps, the others 2. Their slots are refilled as soon as
+    their trees end (p4..p6 join at step 3, p7..p9 at step 5) while p0 runs on; every tree has exactly w leaves."""
+    eng = ScriptedEngine()
+    _slow_first_prompt(eng)
+    pending, offered = items(10), []
+    sampler = TreePOSampler(eng, cfg(segment_tokens=4, max_depth=10, width=4))
+    finals = [p for p in sampler.grow(pending[:4], refill=_refill_from(pending[4:], offered), slots=4) if p.final]
+    trees = {p.whole.prompt_id: p.whole for p in finals}
+    assert sorted(trees) == sorted(i.prompt_id for i in pending)
+    assert all(len(t.leaves) == 4 for t in trees.values())  # exactly w, always
+    prompts_per_call = [sorted({int(r.token_ids[0]) for r in call}) for call in eng.calls]
+    assert prompts_per_call[:5] == [[0, 10, 20, 30]] * 2 + [[0, 40, 50, 60]] * 2 + [[0, 70, 80, 90]]
+    assert len(eng.calls) == 10  # p0's 10 steps bound the run; with rounds it would be 10 + 2 + 2 steps
+    assert offered[0] == 3  # after step 2, p1..p3 are done
+    assert int(trees["p0"].depths.max()) == 10 and int(trees["p5"].depths.max()) == 2
+
+
+@pytest.mark.parametrize("sampler_cls", [TreeRPOSampler, IndependentSampler])
+def test_every_sampler_grows_a_pool(sampler_cls):
+    eng = ScriptedEngine()
+    _slow_first_prompt(eng)
+    pending, offered = items(7), []
+    c = cfg(segment_tokens=4, max_depth=2, width=4, treerpo_children=2, treerpo_depth=4, treerpo_step_tokens=4)
+    sampler = sampler_cls(eng, c)
+    finals = [p for p in sampler.grow(pending[:3], refill=_refill_from(pending[3:], offered), slots=3) if p.final]
+    trees = {p.whole.prompt_id: p.whole for p in finals}
+    assert sorted(trees) == [f"p{i}" for i in range(7)]
+    assert sum(offered) >= 4 and all(f <= 3 for f in offered)
+    calls_with_p0 = [i for i, call in enumerate(eng.calls) if any(r.token_ids[0] == 0 for r in call)]
+    if sampler_cls is TreeRPOSampler:  # p0 grows its full binary tree of depth 4 while the others come and go
+        assert len(calls_with_p0) == 4 and len(trees["p0"].leaves) == 16
+        assert any(r.token_ids[0] == 40 for r in eng.calls[calls_with_p0[-1]])  # p4 joined at step 3
+
+
+def test_without_refill_the_trees_grow_as_before():
+    eng = ScriptedEngine()
+    trees = TreePOSampler(eng, cfg()).sample(items(3))
+    assert queue_sizes(eng) == [6, 12, 24, 48, 48, 48] and all(len(t.leaves) == 16 for t in trees)
