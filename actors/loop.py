@@ -6,9 +6,12 @@ grant fewer, or none: then wait `retry_after_s`, or less when new weights arrive
 lease with the configured sampler as a pool of `prompts_per_step` slots (one batched engine call per
 step carries every open tree's paths; when trees finish, their slots are offered to the buffer again
 before the next step, so no round waits for its slowest tree); send each finished piece (`SubtreeMsg`,
-re-sent until acknowledged) as soon as the sampler yields it. Before every engine call the actor applies the newest weights the learner pushed (assembled
-off the hot path by the subscriber's thread), so segments generated after the swap carry the new
-policy version; it also renews its leases and reads the buffer's acks there.
+re-sent until acknowledged) as soon as the sampler yields it. Before every engine call the actor
+applies the newest weights the learner pushed (assembled off the hot path by the subscriber's
+thread), so segments generated after the swap carry the new policy version; it also renews its
+leases and reads the buffer's acks there. An actor killed mid-pool loses only its unacknowledged
+pieces: the buffer keeps every acknowledged piece, and the leases of unfinished trees expire and
+return their prompts to the queue.
 """
 
 from __future__ import annotations

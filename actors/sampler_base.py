@@ -1,4 +1,6 @@
-"""What every sampler shares: one batched engine call per step over all prompts' queued paths.
+"""What every sampler shares: one batched engine call per step over all prompts' queued paths, and the
+loop that grows a pool of trees (`grow`), each sampler deciding a new tree's first requests and what a
+step's grown paths become (`first_requests`, `advance`).
 
 A step sends every queued path of every prompt in ONE `Engine.generate` call, ordered by prompt and,
 within a prompt, by queue order (siblings are queued next to each other, so requests that share a

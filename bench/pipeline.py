@@ -108,6 +108,8 @@ def figures(metrics_dir: Path, warmup: int, steps: int) -> dict[str, float]:
         "staleness_mean": statistics.fmean(r["staleness_mean"] for r in window),
         "stale_drops": window[-1]["stale_drops"],
         "reward_mean": statistics.fmean(r["reward_mean"] for r in window),
+        "actor_generated_tokens_per_s": sum(r["generated_tokens"] for r in in_window) / wall,
+        "cache_hit_rate": sum(r["cached_tokens"] for r in rounds) / max(1.0, sum(r["prompt_tokens"] for r in rounds)),
     }
 
 
@@ -180,6 +182,8 @@ def report(args: argparse.Namespace, base: PipelineConfig, res: dict[str, dict[s
             ("generation round, median s", "generate_round_s", "{:.2f}"),
             ("trees per generation round", "trees_per_round", "{:.2f}"), ("staleness, mean", "staleness_mean", "{:.2f}"),
             ("stale trees dropped", "stale_drops", "{:.0f}"), ("reward, mean", "reward_mean", "{:.3f}"),
+            ("actor generated tokens / s", "actor_generated_tokens_per_s", "{:.0f}"),
+            ("prefix-cache hit rate", "cache_hit_rate", "{:.1%}"),
             ("measured wall, s", "wall_s", "{:.1f}"), ("whole run incl. start-up, s", "total_s", "{:.1f}")]
     print(f"{'figure':<34}" + "".join(f"{n:>12}" for n in names))
     for label, key, fmt in rows:
@@ -193,7 +197,8 @@ def report(args: argparse.Namespace, base: PipelineConfig, res: dict[str, dict[s
               f"generation and learner times (G + T) / max(G, T): {ideal:.2f}")
         headline |= {"async_steps_per_min": res["async"]["steps_per_min"],
                      "sync_steps_per_min": res["sync"]["steps_per_min"], "ratio_async_over_sync": ratio}
-    for key in ("learner_idle", "actor_idle", "trees_per_s", "train_step_s", "learner_busy_s", "generate_round_s"):
+    for key in ("learner_idle", "actor_idle", "trees_per_s", "train_step_s", "learner_busy_s", "generate_round_s",
+                "actor_generated_tokens_per_s", "cache_hit_rate"):
         headline |= {f"{n}_{key}": res[n][key] for n in names}
     if both:
         headline |= {"ideal_ratio": ideal, "overlap_efficiency": ratio / ideal, "target_ratio": 1.8,

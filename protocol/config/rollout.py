@@ -49,7 +49,9 @@ class RolloutConfig(Section):
     treerpo_step_tokens: int = Field(128, gt=0, description="TreeRPO L_step: max tokens per step.")
     treerpo_max_tokens: int = Field(0, ge=0, description="TreeRPO response cap; the last step runs up to it "
                                     "(0 = treerpo_depth * treerpo_step_tokens).")
-    prompts_per_step: int = Field(8, gt=0, description="Prompts an actor grows at once (one engine call per step carries all their paths).")
+    prompts_per_step: int = Field(8, gt=0, description="Trees an actor keeps in flight (its pool): one engine call per "
+                                  "step carries all their paths, and a finished tree's slot is refilled from a new "
+                                  "lease (as the buffer's admission allows) before the next step.")
 
     @model_validator(mode="after")
     def _check(self):
