@@ -160,24 +160,28 @@ def packing_bench(shape: str, steps: int, model_root: Path, stop_p: float) -> di
                 for p in ("rows", "tree")}
     times: dict[str, list[float]] = {p: [] for p in learners}
     tokens: dict[str, list[float]] = {p: [] for p in learners}
+    heads: dict[str, list[float]] = {p: [] for p in learners}  # positions through the LM head
     for i, trees in enumerate(batches):
         for p in (("rows", "tree") if i % 2 else ("tree", "rows")):
             m = learners[p].step(trees)
             if i > 0:
                 times[p].append(m["step_time_s"])
                 tokens[p].append(m["tokens"])
+                heads[p].append(m["head_positions"])
     unique = sum(t.unique_token_count() for b in batches[1:] for t in b)
     rows_tokens, tree_tokens = sum(tokens["rows"]), sum(tokens["tree"])
     t_rows, t_tree = statistics.median(times["rows"]), statistics.median(times["tree"])
     out = {"forwarded_over_unique": tree_tokens / unique, "rows_forwarded_over_unique": rows_tokens / unique,
            "rows_step_s": t_rows, "packed_step_s": t_tree, "packed_over_rows_step_time": t_tree / t_rows,
            "rows_tokens_per_step": rows_tokens / steps, "packed_tokens_per_step": tree_tokens / steps,
+           "packed_over_rows_head_positions": sum(heads["tree"]) / sum(heads["rows"]),
            "rows_peak_rss_mib": rss["rows"], "packed_peak_rss_mib": rss["tree"],
            "packed_peak_rss_over_rows": rss["tree"] / rss["rows"]}
     print(f"{shape}: {kind}, w={w} l={seg} d={depth}, {PROMPTS_PER_STEP} trees/step; tokens forwarded per step "
           f"rows {out['rows_tokens_per_step']:.0f} / packed {out['packed_tokens_per_step']:.0f} "
           f"(rows forward {out['rows_forwarded_over_unique']:.2f}x the unique tokens, packed "
-          f"{out['forwarded_over_unique']:.2f}x); step time rows {t_rows:.2f} s "
+          f"{out['forwarded_over_unique']:.2f}x; LM-head positions packed/rows "
+          f"{out['packed_over_rows_head_positions']:.2f}); step time rows {t_rows:.2f} s "
           f"({', '.join(f'{x:.2f}' for x in times['rows'])}) / packed {t_tree:.2f} s "
           f"({', '.join(f'{x:.2f}' for x in times['tree'])}) = {out['packed_over_rows_step_time']:.2f}; peak RSS "
           f"rows {rss['rows']:.0f} MiB / packed {rss['tree']:.0f} MiB", flush=True)

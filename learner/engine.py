@@ -162,7 +162,7 @@ class Learner:
             metrics["sequences"] = float(len(items))
         if total == 0:  # every group filtered: no step, but the same metric keys as a step (zeros)
             metrics.update(skipped=1.0, step=float(self.step_count), policy_version=float(self.policy_version),
-                           micro_batches=0.0, tokens=0.0, row_tokens=0.0, row_tokens_over_tokens=0.0,
+                           micro_batches=0.0, tokens=0.0, row_tokens=0.0, row_tokens_over_tokens=0.0, head_positions=0.0,
                            step_time_s=time.perf_counter() - start, tokens_per_s=0.0, row_tokens_per_s=0.0)
             return metrics
         packed = [self._micro_batches(shard) for shard in split_for_ranks(items, self.world)]
@@ -183,11 +183,14 @@ class Learner:
         elapsed = time.perf_counter() - start
         processed = float(sum(mb.real_tokens for p in packed for mb in p))
         row_tokens = float(sum(mb.row_tokens if self.packing == "tree" else mb.real_tokens for p in packed for mb in p))
+        head_positions = float(sum(len(mb.targets) if self.packing == "tree" else mb.trained_tokens
+                                   for p in packed for mb in p))
         metrics.update(stats.summary())
         metrics.update(skipped=0.0, loss=stats.loss / total, grad_norm=self._grad_norm(),
                        lr=lr, step=float(self.step_count),
                        policy_version=float(self.policy_version), micro_batches=float(n_micro), tokens=processed,
                        row_tokens=row_tokens, row_tokens_over_tokens=row_tokens / processed,
+                       head_positions=head_positions,
                        step_time_s=elapsed, tokens_per_s=processed / elapsed, row_tokens_per_s=row_tokens / elapsed)
         return metrics
 

@@ -46,6 +46,7 @@ def test_steps_raise_positive_and_lower_negative_leaves(learner):
     assert first["clip_frac_low"] == first["clip_frac_high"] == 0.0
     assert first["trained_tokens"] == 4 * 6 + 3 * 2 and first["sequences"] == 7
     assert (first["tokens"], first["row_tokens"]) == (21 + 9, 4 * 9 + 3 * 5)
+    assert first["head_positions"] == 6 * 3 + 3 * 2  # every response token once through the LM head
     assert first["micro_batches"] == 2 and first["grad_norm"] > 0 and first["lr"] == 1e-3
     assert metrics[2]["step"] == metrics[2]["policy_version"] == 3
     assert metrics[2]["importance_weight"] > 1.0  # the policy moved away from the behaviour log-probs
@@ -67,6 +68,7 @@ def test_tree_packed_steps_equal_per_leaf_rows(tiny_model_dir, estimator):
         for key in ("loss", "grad_norm", "importance_weight", "ref_kl", "entropy", "trained_tokens", "sequences"):
             assert p[key] == pytest.approx(r[key], rel=1e-4, abs=1e-7), key
         assert p["tokens"] < r["tokens"] and p["row_tokens"] == r["row_tokens"] == r["tokens"]
+        assert p["head_positions"] <= r["head_positions"] == r["trained_tokens"]
     for name, w in rows_weights.items():  # Adam moves a weight by up to lr per step whatever its gradient's size,
         # so a float32 rounding difference on a near-zero gradient can show up to a fraction of lr
         torch.testing.assert_close(packed_weights[name], w, rtol=0, atol=1e-4)
