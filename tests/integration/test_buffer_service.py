@@ -319,3 +319,63 @@ def test_ten_thousand_malformed_messages_are_counted_and_service_stays_flat(redi
     assert rss_end - rss_warm < 8 * 1024, (rss_warm, rss_end)
     log = (tmp_path / "buffer.log").read_text()
     assert "dropped malformed message from b'evil-actor'" in log and "more dropped since the last line" in log
+
+
+def test_an_actor_killed_mid_pool_loses_no_acknowledged_piece_and_its_leases_return(redis_server, redis_client):
+    """A TreePO pool of 3 slots fed by real leases: p0's tree needs 10 steps, every other one 2. p1, p2 end at
+    step 2 and p3, p4 take their slots; they end at step 4 and p5, p6 take theirs. The actor dies before step 6
+    (an exception out of the pool, then no more heartbeats): the finished trees are whole in Redis, and the three
+    open trees' leases (p0, p5, p6) expire, are counted, and return their prompts to the queue."""
+    from actors.prompts import PromptItem
+    from actors.tree_sampler import TreePOSampler
+    from protocol.config.rollout import RolloutConfig
+    from tests.fixtures.engines import ScriptedEngine
+
+    cfg = make_config(redis_server.url, lease_seconds=0.6, max_staleness=4)
+    store = TreeStore.from_config(redis_client, cfg)
+    store.add_prompts([Prompt(f"p{i}", f"question {i}", str(i)) for i in range(8)])
+    svc = ThreadService(cfg, redis_client)
+    actor = BufferClient(cfg.buffer.ingest_address, "actor-pool", cfg.buffer)
+    engine = ScriptedEngine()
+    engine.stops = lambda r, g: r.token_ids[0] != 0 and len(r.token_ids) > 5  # p0's paths never stop early
+
+    def items(leases) -> list[PromptItem]:
+        return [PromptItem(prompt_id=x.prompt_id, text=x.prompt, answer=x.answer, tree_id=x.tree_id,
+                           token_ids=np.arange(10 * int(x.prompt_id[1:]), 10 * int(x.prompt_id[1:]) + 5,
+                                               dtype=np.int32)) for x in leases]
+
+    class Killed(Exception):
+        pass
+
+    def before_step() -> None:
+        if len(engine.calls) == 5:
+            raise Killed
+        actor.heartbeat()
+
+    sampler = TreePOSampler(engine, RolloutConfig(segment_tokens=4, max_depth=10, width=4), run_id="run",
+                            before_step=before_step)
+    finished = []
+    with pytest.raises(Killed):
+        for piece in sampler.grow(items(actor.request_prompts(3, policy_version=0).leases), slots=3,
+                                  refill=lambda free: items(actor.request_prompts(free, policy_version=0).leases)):
+            actor.send(piece.message("actor-pool"))
+            if piece.final:
+                finished.append(piece.whole)
+    actor.flush(5)  # what was sent before the death is acknowledged
+    assert sorted(t.prompt_id for t in finished) == ["p1", "p2", "p3", "p4"] and not actor.refused
+    leased = store.active_leases()
+    assert sorted(leased.values()) == ["actor-pool"] * 3
+    before = store.counters()
+    deadline = time.monotonic() + 5
+    while store.active_leases():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    c = store.counters()
+    assert c["expired_leases"] - before.get("expired_leases", 0) == 3
+    assert c.get("discarded_partial_trees", 0) == 0  # p0, p5 and p6 had sent no piece yet
+    assert sorted(store.queued_prompts()) == ["p0", "p5", "p6", "p7"]
+    for t in finished:  # every finished tree is whole in Redis, with exactly w leaves
+        stored = store.load(t.tree_id)
+        assert stored is not None and same(stored, t) and len(stored.leaf_ids) == 4
+    actor.close()
+    svc.close()
