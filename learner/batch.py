@@ -97,6 +97,16 @@ class MicroBatch:
     def real_tokens(self) -> int:
         return int(self.attention_mask.sum().item())
 
+    @property
+    def row_tokens(self) -> int:
+        """Tokens of the per-leaf rows: what this layout forwards."""
+        return self.real_tokens
+
+    @property
+    def head_positions(self) -> int:
+        """Positions that go through the LM head: every trained token of every row."""
+        return self.trained_tokens
+
     def to(self, device: torch.device) -> MicroBatch:
         return MicroBatch(**{k: v.to(device) for k, v in vars(self).items()})
 

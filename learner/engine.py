@@ -182,9 +182,8 @@ class Learner:
         stats = self._all_reduce(stats)
         elapsed = time.perf_counter() - start
         processed = float(sum(mb.real_tokens for p in packed for mb in p))
-        row_tokens = float(sum(mb.row_tokens if self.packing == "tree" else mb.real_tokens for p in packed for mb in p))
-        head_positions = float(sum(len(mb.targets) if self.packing == "tree" else mb.trained_tokens
-                                   for p in packed for mb in p))
+        row_tokens = float(sum(mb.row_tokens for p in packed for mb in p))
+        head_positions = float(sum(mb.head_positions for p in packed for mb in p))
         metrics.update(stats.summary())
         metrics.update(skipped=0.0, loss=stats.loss / total, grad_norm=self._grad_norm(),
                        lr=lr, step=float(self.step_count),

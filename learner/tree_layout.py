@@ -140,12 +140,15 @@ def tree_units(batch: list[TreeAdvantages], token_budget: int) -> list[PackedUni
             units.append(whole)
             continue
         group: Rows = []
+        fitting = None  # the layout of `group`
         for row in rows:
-            if group and len(lay_out(ta, [*group, row])) > token_budget:
-                units.append(lay_out(ta, group))
-                group = []
+            grown = lay_out(ta, [*group, row])
+            if group and len(grown) > token_budget:
+                units.append(fitting)
+                group, grown = [], lay_out(ta, [row])
             group.append(row)
-        units.append(lay_out(ta, group))
+            fitting = grown
+        units.append(fitting)
     return units
 
 
@@ -169,6 +172,11 @@ class PackedMicroBatch:
     @property
     def trained_tokens(self) -> int:
         return len(self.entry_slots)
+
+    @property
+    def head_positions(self) -> int:
+        """Positions that go through the LM head: each unique trained token once."""
+        return len(self.targets)
 
     def to(self, device: torch.device) -> PackedMicroBatch:
         return PackedMicroBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})

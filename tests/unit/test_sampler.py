@@ -347,6 +347,9 @@ def test_every_sampler_grows_a_pool(sampler_cls):
     if sampler_cls is TreeRPOSampler:  # p0 grows its full binary tree of depth 4 while the others come and go
         assert len(calls_with_p0) == 4 and len(trees["p0"].leaves) == 16
         assert any(r.token_ids[0] == 40 for r in eng.calls[calls_with_p0[-1]])  # p4 joined at step 3
+    else:  # one step per tree: every step's 3 slots are refilled at once (p0-p2, p3-p5, p6)
+        assert [sorted({int(r.token_ids[0]) for r in call}) for call in eng.calls] == [[0, 10, 20], [30, 40, 50], [60]]
+        assert offered == [3, 3, 3] and all(len(t.leaves) == 4 for t in trees.values())
 
 
 def test_without_refill_the_trees_grow_as_before():

@@ -10,10 +10,9 @@ from learner.batch import build_sequences, trained_rows
 from learner.engine import choose_packing
 from learner.tree_attention import dense_tree_mask, tree_packing_refusal
 from learner.tree_layout import collate_units, empty_packed_micro_batch, lay_out, pack_units, tree_units
-from tests.fixtures.learner import tree_from_edges, worked_example_tree
+from tests.fixtures.learner import LEAF_VALUES, irregular_batch, worked_example_tree
 
 # worked example: prompt 1,2,3; A=1 {100,101}, B=2 {102,103}, A1=3 {104,105}, A2=4, B1=5, B2=6 (2 tokens each)
-LEAF_VALUES = {3: 1.5, 4: -0.5, 5: -0.25, 6: -0.25}
 
 
 def test_worked_example_layout_by_hand():
@@ -34,24 +33,6 @@ def test_worked_example_layout_by_hand():
     assert len(u) == 15 and u.row_tokens == 28
 
 
-def _irregular_batch() -> list[TreeAdvantages]:
-    """A forest: the worked example with odd segment lengths; a tree with a depth-1 leaf beside depth-3
-    leaves, an empty leaf segment (EOS at once) and a node whose children were added by a fallback;
-    a plain chain; duplicate sibling leaves (the same tokens)."""
-    a = worked_example_tree(tree_id="a", seg_lens={1: 3, 2: 1, 3: 5, 4: 2, 5: 1, 6: 4})
-    b = tree_from_edges({1: 0, 2: 0, 3: 1, 4: 3, 5: 3, 6: 1, 7: 2}, {2: 1.0, 4: -1.0, 5: 0.5, 6: 0.0, 7: 2.0},
-                        seg_lens={1: 3, 2: 2, 3: 1, 4: 3, 5: 2, 6: 0, 7: 4}, tree_id="b", first_token=300, prompt_len=5)
-    chain = tree_from_edges({1: 0, 2: 1, 3: 2}, {3: 1.0}, seg_lens={1: 4, 2: 3, 3: 5}, tree_id="c",
-                            first_token=500, prompt_len=2)
-    dup = tree_from_edges({1: 0, 2: 1, 3: 1}, {2: 1.0, 3: -1.0}, tree_id="d", first_token=700)
-    i2, i3 = dup.index[2], dup.index[3]
-    dup.tokens[dup.offsets[i3]:dup.offsets[i3 + 1]] = dup.tokens[dup.offsets[i2]:dup.offsets[i2 + 1]]
-    dup.logprobs[dup.offsets[i3]:dup.offsets[i3 + 1]] = dup.logprobs[dup.offsets[i2]:dup.offsets[i2 + 1]]
-    return [TreeAdvantages(a, "leaf", LEAF_VALUES),
-            TreeAdvantages(b, "leaf", {2: 0.7, 4: -1.2, 5: 0.3, 6: -0.1, 7: 1.1}),
-            TreeAdvantages(chain, "leaf", {3: -0.4}), TreeAdvantages(dup, "leaf", {2: 1.0, 3: -1.0})]
-
-
 def _ancestors_or_self(tree, unit_rows):
     """Brute force: the set of (query, key) unit indices where key lies on query's root path, up to query."""
     u = lay_out(tree, unit_rows)
@@ -64,7 +45,7 @@ def _ancestors_or_self(tree, unit_rows):
 
 @pytest.mark.parametrize("case", range(4))
 def test_mask_is_the_ancestor_relation_and_rows_rebuild(case):
-    ta = _irregular_batch()[case]
+    ta = irregular_batch()[case]
     rows = trained_rows(ta)
     u, allowed = _ancestors_or_self(ta, rows)
     mask = dense_tree_mask(torch.from_numpy(u.subtree_end)[None])[0, 0]
@@ -78,7 +59,7 @@ def test_mask_is_the_ancestor_relation_and_rows_rebuild(case):
 
 
 def test_collated_forest_entries_follow_the_rows_path():
-    batch = _irregular_batch()
+    batch = irregular_batch()
     units = tree_units(batch, 64)
     mb = collate_units(units, pad_id=0, pad_multiple=16)
     rows = build_sequences(batch)

@@ -16,8 +16,7 @@ from learner.loss import LossSettings, policy_loss
 from learner.tree_attention import FLEX_BLOCK, pad_multiple
 from learner.tree_layout import collate_units, tree_units
 from protocol.config.learner import LearnerConfig
-from tests.fixtures.learner import tree_from_edges, worked_example_tree
-from tests.unit.test_tree_layout import _irregular_batch
+from tests.fixtures.learner import irregular_batch, tree_from_edges, worked_example_tree
 
 VOCAB = 1000
 
@@ -62,8 +61,8 @@ def _treerpo_batch() -> list[TreeAdvantages]:
             TreeAdvantages(b, "segment", {1: 0.3, 4: -0.3, 2: 0.9, 3: -0.9})]
 
 
-CASES = {"forest": lambda: _irregular_batch(), "treerpo": _treerpo_batch,
-         "chain": lambda: _irregular_batch()[2:3], "duplicates": lambda: _irregular_batch()[3:]}
+CASES = {"forest": lambda: irregular_batch(), "treerpo": _treerpo_batch,
+         "chain": lambda: irregular_batch()[2:3], "duplicates": lambda: irregular_batch()[3:]}
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -86,7 +85,7 @@ def test_eager_attention_takes_an_additive_mask():
     """Eager attention adds the mask to the scores (a boolean mask would add 0/1): packed eager == rows eager,
     to float32 rounding (HF's eager attention takes its softmax in float32 even for a float64 model)."""
     model = _model("qwen2", attn="eager")
-    batch = _irregular_batch()
+    batch = irregular_batch()
     ref_lp, *_ = _rows_logprobs(model, batch)
     lp, _ = packed_token_logprobs(model, _packed(batch, 8))
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-6)
@@ -96,7 +95,7 @@ def test_flex_attention_block_mask_gives_the_rows_logprobs():
     """The GPU backend's BlockMask (same predicate, T padded to 128) on CPU: forward only, as FlexAttention has
     no CPU backward; float32, as its CPU kernel computes in float32 (the GPU run checks the backward)."""
     model = _model("llama").float()
-    batch = _irregular_batch()
+    batch = irregular_batch()
     ref_lp, *_ = _rows_logprobs(model, batch)
     model.config._attn_implementation = "flex_attention"
     with torch.no_grad():
@@ -139,7 +138,7 @@ def _batch_for(estimator: str) -> list[TreeAdvantages]:
         trees = [tree_from_edges({n: 0 for n in range(1, 6)}, {1: 1.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 0.5},
                                  seg_lens={1: 4, 2: 6, 3: 1, 4: 3, 5: 5}, tree_id="g", prompt_len=7)]
     else:
-        trees = [t.tree for t in _irregular_batch()]
+        trees = [t.tree for t in irregular_batch()]
     batch, _ = compute_advantages(trees, LearnerConfig(estimator=estimator, filter_uniform_prompts=False))
     values = np.array([v for ta in batch for v in ta.values.values()])
     assert (values > 0).any() and (values < 0).any()
