@@ -2,8 +2,8 @@
 
 One `generate` call takes a batch of segment requests (token ids of prompt + path so far, a token
 budget, sampling settings, a seed) and returns, per request and in the same order, the sampled
-continuation, the behaviour log-prob of each sampled token (of the raw model distribution, before
-temperature / top-k / top-p, as vLLM's default `raw_logprobs`), why it stopped, and how many of its
+continuation, the behaviour log-prob of each sampled token (of the distribution it was sampled from:
+after temperature, top-k and top-p, `protocol.sampling`), why it stopped, and how many of its
 input tokens the engine served from a prefix cache instead of computing them.
 
 `EngineCounters` is accumulated the same way by every engine, so benchmarks compare like with like:

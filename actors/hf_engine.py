@@ -12,8 +12,9 @@ are cut out of it per row.
 
 Simplifications: only the previous call's caches are kept (a tree extends only last-step paths;
 a fallback branch re-prefills from the longest kept prefix, or from scratch); sampling is
-inverse-CDF with temperature / top-k / top-p and one seeded generator per request, so the same
-seed gives the same continuation here but not the same as vLLM's.
+inverse-CDF with temperature / top-k / top-p (`protocol.sampling`, whose log-probs it reports) and
+one seeded generator per request, so the same seed gives the same continuation here but not the
+same as vLLM's.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from actors.engine import Engine, EngineCounters, SamplingParams, SegmentRequest, SegmentResult
+from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult
 from protocol.config.engine import EngineConfig
+from protocol.sampling import sampling_logits
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [1, heads, len, dim]
 
@@ -80,30 +82,22 @@ class HfEngine(Engine):
 
     # ------------------------------------------------------------------ sampling
     @staticmethod
-    def _filter(x: torch.Tensor, s: SamplingParams) -> torch.Tensor:
-        """Temperature-scaled logits of one row with top-k / top-p applied (-inf outside)."""
-        x = x / s.temperature
-        if s.top_k > 0:
-            kth = torch.topk(x, min(s.top_k, x.numel())).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if s.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)
-            p = torch.softmax(sorted_x, -1)
-            x = x.scatter(0, order, sorted_x.masked_fill(p.cumsum(-1) - p >= s.top_p, float("-inf")))
-        return x
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row: inverse-CDF sampling with a uniform draw from each row's own generator."""
+    def _sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], torch.Tensor]:
+        """One token per row and the log-probs [B, V] of the distribution it was drawn from
+        (`protocol.sampling`): inverse-CDF sampling with a uniform draw from each row's own generator;
+        temperature 0 is greedy (its log-probs are the raw ones)."""
         x = logits.float()
-        plain = SamplingParams()
         for b, r in enumerate(rows):
-            if r.request.sampling != plain and r.request.sampling.temperature > 0:
-                x[b] = self._filter(x[b], r.request.sampling)
-        cdf = torch.softmax(x, -1).cumsum(-1)
+            s = r.request.sampling
+            if s.temperature > 0:
+                x[b] = sampling_logits(x[b], s.temperature, s.top_k, s.top_p)
+        logp = torch.log_softmax(x, -1)
+        cdf = logp.exp().cumsum(-1)
         u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(cdf.device)[:, None]
         picks = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=cdf.shape[1] - 1)[:, 0]
         greedy = x.argmax(-1)
-        return [int(greedy[b]) if r.request.sampling.temperature == 0 else int(picks[b]) for b, r in enumerate(rows)]
+        return [int(greedy[b]) if r.request.sampling.temperature == 0 else int(picks[b])
+                for b, r in enumerate(rows)], logp
 
     @torch.no_grad()
     def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
@@ -151,10 +145,9 @@ class HfEngine(Engine):
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=self.device)], 1)
             out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=positions[:, None],
                              past_key_values=cache, use_cache=True)
-            logp = torch.log_softmax(out.logits[:, -1].float(), -1)
             nxt = []
             keep_pos = []
-            sampled = self._sample(out.logits[:, -1], [rows[i] for i in live])
+            sampled, logp = self._sample(out.logits[:, -1], [rows[i] for i in live])
             for b, i in enumerate(live):
                 row, tok = rows[i], sampled[b]
                 row.tokens.append(tok)

@@ -73,7 +73,8 @@ class VllmEngine(Engine):
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                       enable_prefix_caching=True, enforce_eager=cfg.enforce_eager, seed=seed, **kwargs)
+                       enable_prefix_caching=True, enforce_eager=cfg.enforce_eager, seed=seed,
+                       logprobs_mode="processed_logprobs", **kwargs)  # protocol.sampling
         tok = self.llm.get_tokenizer()
         self.tokenizer = tok
         eos = set(self.llm.llm_engine.model_config.hf_config.eos_token_id

@@ -1,4 +1,4 @@
-"""Learner throughput, two comparisons in one run, each side by side on the same batches:
+"""Learner throughput, three comparisons in one run, each side by side on the same batches:
 
 1. packing (`learner.packing`): tree-packed training (each tree's unique tokens forwarded once) against
    per-leaf rows, `Learner.step` on DEFAULT learner settings (ZeRO-0, fp32; micro_batch_tokens 4096 as both
@@ -18,13 +18,18 @@
    weights, batch, optimizer, loss and micro-batching (rows, the tiny model, 2 binary trees of depth 3
    with 16-token segments, micro-batches of 512 tokens), steps rotating, medians of wall-clock tokens/s
    and of tokens per CPU-second; `overhead_zN` = 1 - deepspeed tokens/s / plain tokens/s (target <= 0.15).
+3. PPO mini-batches (`learner.mini_batches_per_batch`): the smollm2_short shape's batches trained as one
+   update and as 4 mini-batches (one tree each; the proximal log-probs of one no-grad pass first),
+   tree-packed, the two sides alternating, medians: `minibatch4_over_1_step_time` (target <= 1.5) and
+   `proximal_pass_fraction`, the proximal pass's share of the 4-update step (target <= 0.35).
 
 Prints figures, then one JSON line with flat keys (`tiny_forwarded_over_unique`,
 `tiny_packed_over_rows_step_time`, `smollm2_short_packed_over_rows_step_time`,
 `smollm2_long_packed_over_rows_step_time`, `smollm2_long_forwarded_over_unique`, `packed_peak_rss_over_rows`
-(the largest over the shapes), `overhead_z0`, ...).
+(the largest over the shapes), `overhead_z0`, `minibatch4_over_1_step_time`, `proximal_pass_fraction`, ...).
 
     .venv/bin/python bench/learner.py [--steps 3] [--shapes tiny,smollm2_short,smollm2_long] [--no-overhead]
+                                      [--no-minibatch]
 """
 
 from __future__ import annotations
@@ -188,6 +193,32 @@ def packing_bench(shape: str, steps: int, model_root: Path, stop_p: float) -> di
     return out
 
 
+def minibatch_bench(steps: int, model_root: Path, stop_p: float, minis: int = 4) -> dict[str, float]:
+    """One update per batch against `minis` mini-batches on the same batches (smollm2_short's shape)."""
+    kind, w, seg, depth, extra = SHAPES["smollm2_short"]
+    model_dir = shape_model(kind, model_root)
+    batches = sampled_trees(model_dir, w, seg, depth, steps + 1, stop_p)
+    learners = {k: Learner(LearnerConfig(mini_batches_per_batch=k, lr=1e-6, warmup_steps=0, **extra), model_dir)
+                for k in (1, minis)}
+    times: dict[int, list[float]] = {k: [] for k in learners}
+    proximal: list[float] = []
+    for i, trees in enumerate(batches):
+        for k in ((1, minis) if i % 2 else (minis, 1)):
+            m = learners[k].step(trees)
+            if i > 0:
+                times[k].append(m["step_time_s"])
+                if k == minis:
+                    proximal.append(m["proximal_pass_s"] / m["step_time_s"])
+    t1, tk = statistics.median(times[1]), statistics.median(times[minis])
+    out = {f"minibatch{minis}_over_1_step_time": tk / t1, "proximal_pass_fraction": statistics.median(proximal),
+           "minibatch1_step_s": t1, f"minibatch{minis}_step_s": tk}
+    print(f"mini-batches ({kind}, w={w} l={seg} d={depth}, {PROMPTS_PER_STEP} trees/step, tree-packed): step time "
+          f"1 update {t1:.2f} s ({', '.join(f'{x:.2f}' for x in times[1])}) / {minis} updates {tk:.2f} s "
+          f"({', '.join(f'{x:.2f}' for x in times[minis])}) = {tk / t1:.2f}x; proximal pass "
+          f"{100 * out['proximal_pass_fraction']:.0f}% of the {minis}-update step", flush=True)
+    return out
+
+
 def bench_trees(prompts: int = 2, depth: int = 3, seg: int = 16, prompt_len: int = 16, seed: int = 0) -> list[Tree]:
     rng = np.random.default_rng(seed)
     trees = []
@@ -224,7 +255,7 @@ class PlainLoop:
         self.model.train()
         self.pad_id = int(self.model.config.pad_token_id or 0)
         self.settings = LossSettings.from_config(cfg)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_factor(cfg.warmup_steps))
 
     def step(self, trees: list[Tree]) -> dict[str, float]:
@@ -287,6 +318,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="packing shapes to run")
     ap.add_argument("--stop-p", type=float, default=0.15, help="chance that a segment ends early (EOS)")
     ap.add_argument("--no-overhead", action="store_true", help="skip the DeepSpeed-overhead comparison")
+    ap.add_argument("--no-minibatch", action="store_true", help="skip the mini-batch comparison")
     ap.add_argument("--overhead-steps", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -297,7 +329,7 @@ def main() -> None:
         return
     model_root = Path(tempfile.mkdtemp(prefix="bench-learner-models-"))
     result: dict[str, float] = {}
-    for shape in args.shapes.split(","):
+    for shape in [s for s in args.shapes.split(",") if s]:
         for k, v in packing_bench(shape, args.steps, model_root, args.stop_p).items():
             result[f"{shape}_{k}"] = round(v, 4)
     rss = [v for k, v in result.items() if k.endswith("_packed_peak_rss_over_rows")]
@@ -305,6 +337,8 @@ def main() -> None:
         result["packed_peak_rss_over_rows"] = max(rss)
     if not args.no_overhead:
         result.update(overhead_bench(args.overhead_steps, args.hidden, args.layers))
+    if not args.no_minibatch:
+        result.update({k: round(v, 4) for k, v in minibatch_bench(args.steps, model_root, args.stop_p).items()})
     print(json.dumps(result))
 
 

@@ -221,6 +221,11 @@ class BatchSource:
         """Acknowledge a trained batch (and record the learner's new version); returns how many were new."""
         return self.store.ack(batch.entries, kind="consumed", learner_version=learner_version)
 
+    def set_aside(self, batch: Batch) -> int:
+        """Acknowledge trees the learner leaves untrained because they carry no signal (counter
+        `uniform_skips`; kept in the store like consumed ones); returns how many were new."""
+        return self.store.ack(batch.entries, kind="uniform_skips")
+
 
 def _entry(e) -> tuple[str, str, int]:
     entry_id, fields = e

@@ -18,7 +18,8 @@ Redis layout (standalone Redis; every key of run R starts with `treepo:R:`, writ
     P consumed              LIST    ids of consumed trees, oldest first (retention=keep_last).
     P advantages            HASH    tree id -> msgpack {leaf_ids, values} the learner computed (export).
     P counters              HASH    unconsumed, trees_stored, pieces_stored, duplicate_pieces,
-                                    backpressure, consumed, stale_drops, leases_granted, expired_leases,
+                                    backpressure, consumed, stale_drops, uniform_skips (acknowledged
+                                    untrained: no signal), leases_granted, expired_leases,
                                     discarded_partial_trees, discarded_pieces, refused_expired,
                                     malformed:{reason}, ...
     P learner_version       STRING  the version of the learner's last committed step.

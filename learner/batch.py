@@ -151,6 +151,16 @@ def pack(rows: list[Sequence], token_budget: int, pad_id: int) -> list[MicroBatc
     return [collate(g, pad_id) for g in group_by_budget(rows, token_budget)]
 
 
+def split_mini_batches(batch: list[TreeAdvantages], n: int) -> list[list[TreeAdvantages]]:
+    """The trees with something to train, in order, cut into at most `n` consecutive groups of sizes
+    differing by at most one (fewer groups when there are fewer trees): one optimizer update each."""
+    trained = [ta for ta in batch if ta.values]
+    n = max(1, min(n, len(trained)))
+    size, extra = divmod(len(trained), n)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(n)])
+    return [trained[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def split_for_ranks(rows: list, world_size: int) -> list[list]:
     """Deal rows (or tree units: anything with a length in tokens) to data-parallel ranks, longest first,
     each to the rank with the fewest tokens so far."""

@@ -1,20 +1,25 @@
-"""The learner: a DeepSpeed engine around a transformers causal LM, one optimizer step per batch of trees.
+"""The learner: a DeepSpeed engine around a transformers causal LM; one training step per batch of trees.
 
-`Learner.step(trees)`: advantages (`learner.advantage`) -> the batch laid out for training, either
-tree-packed (`learner.tree_layout`: each tree's unique tokens once, dealt to the ranks by unique tokens)
-or one row per leaf (`learner.batch`) -> micro-batches within the token budget -> forward,
-`policy_loss`, backward per micro-batch (gradients accumulate) -> one optimizer step. Every rank
-is given the same trees (the step's global batch) and derives its own share deterministically, so
-the ranks agree on the micro-batch count (a rank short of data runs an empty micro-batch) and on
-the normaliser: each micro-batch loss is its token sum / (trained tokens of the step / world size),
-so after DeepSpeed averages gradients over ranks the step optimises the token-mean over the whole
-batch.
+`Learner.step(trees)`: advantages (`learner.advantage`) -> the kept trees cut into
+`mini_batches_per_batch` consecutive mini-batches -> each laid out for training, either tree-packed
+(`learner.tree_layout`: each tree's unique tokens once, dealt to the ranks by unique tokens) or one
+row per leaf (`learner.batch`) -> micro-batches within the token budget. With more than one update
+per batch (mini-batches x `ppo_epochs`), one no-grad pass over the micro-batches first computes the
+proximal log-probs (the weights at the start of the batch; the first mini-batch's are those of its own first
+update, so with one epoch the pass skips it). Then per epoch, per mini-batch: forward,
+`policy_loss`, backward per micro-batch (gradients accumulate) -> one optimizer step. Every rank is
+given the same trees (the step's global batch) and derives its own share deterministically, so the
+ranks agree on the micro-batch counts (a rank short of data runs an empty micro-batch) and on the
+normaliser: each micro-batch loss is its token sum / (trained tokens of its mini-batch / world
+size), so after DeepSpeed averages gradients over ranks each update optimises the token-mean over
+its whole mini-batch.
 
-Precision: fp32 with gloo on CPU, bf16 with nccl on GPU. Optimiser: torch AdamW (lr, weight
-decay from config), linear warm-up over `warmup_steps` steps (step k uses lr * min(1, (k+1)/warmup))
-then constant, gradient-norm clip `grad_clip`. ZeRO stage from config. Gradient accumulation is
-unmanaged (`managed_gradient_accumulation: false`): the micro-batch count varies per step and
-`engine.step()` is the boundary.
+Precision: fp32 with gloo on CPU, bf16 with nccl on GPU. Optimiser: torch AdamW (fused; lr, weight
+decay from config), linear warm-up over `warmup_steps` training steps (step k uses
+lr * min(1, (k+1)/warmup) for all its updates) then constant, gradient-norm clip `grad_clip` per
+update. ZeRO stage from config. Gradient accumulation is unmanaged
+(`managed_gradient_accumulation: false`): the micro-batch count varies and `engine.step()` is the
+boundary.
 
 Checkpoints (`save_checkpoint`/`load_checkpoint`) restore model, optimizer, LR schedule, step and
 policy version. `export` writes safetensors + config + tokenizer that transformers and vLLM load;
@@ -33,12 +38,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from learner.advantage import compute_advantages
-from learner.batch import MicroBatch, build_sequences, empty_micro_batch, pack, split_for_ranks
+from learner.advantage.result import TreeAdvantages
+from learner.batch import MicroBatch, build_sequences, empty_micro_batch, pack, split_for_ranks, split_mini_batches
 from learner.distributed import init_distributed
-from learner.forward import micro_batch_loss
+from learner.forward import RAW, Sampling, micro_batch_logprobs, micro_batch_loss
 from learner.loss import LossSettings, LossStats
 from learner.tree_attention import pad_multiple, tree_packing_refusal
 from learner.tree_layout import PackedMicroBatch, empty_packed_micro_batch, pack_units, tree_units
@@ -113,7 +120,7 @@ def without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Learner:
     """Trains one policy with DeepSpeed; every rank of the process group builds one."""
 
-    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, seed: int = 0):
+    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, seed: int = 0, sampling: Sampling = RAW):
         from transformers import AutoModelForCausalLM
 
         self.rank, self.world = init_distributed()
@@ -122,6 +129,7 @@ class Learner:
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.settings = LossSettings.from_config(cfg)
+        self.sampling = sampling  # the actors' sampling distribution: log-probs are taken under it
         gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
         dtype = torch.bfloat16 if gpu else torch.float32
@@ -131,14 +139,16 @@ class Learner:
         self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
         self.packing = choose_packing(cfg.packing, model.config)
         self.pad_multiple = pad_multiple(model.config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel over all parameters (on CPU 4x faster than the default per-tensor loop for SmolLM2-135M,
+        # which counts once per update with mini-batches)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(cfg.warmup_steps))
         self.clip_hook = None
         if own_clipping(cfg, gpu):
             self.clip_hook = GradClipHook(list(model.parameters()), cfg.grad_clip)
             optimizer.register_step_pre_hook(self.clip_hook)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, gpu))
+        self.scheduler = scheduler  # stepped once per training step (not per update), so DeepSpeed does not own it
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, gpu))
         self.ref_model = None
         if cfg.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(
@@ -146,52 +156,89 @@ class Learner:
             self.ref_model.requires_grad_(False)
         self.step_count = 0
         self.policy_version = 0
+        self.updates: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ training
     def step(self, trees: list[Tree]) -> dict[str, float]:
-        """One optimizer step on the batch; metrics of the whole batch (identical on every rank)."""
+        """One training step on the batch (one or more optimizer updates); metrics of the whole batch
+        (identical on every rank). The summaries of its updates are left in `self.updates`."""
         start = time.perf_counter()
         batch, metrics = compute_advantages(trees, self.cfg)
-        if self.packing == "tree":
-            items = tree_units(batch, self.cfg.micro_batch_tokens)
-            total = float(sum(len(u.entry_token) for u in items))
-            metrics["sequences"] = float(sum(len(u.row_index) for u in items))
-        else:
-            items = build_sequences(batch)
-            total = float(sum(r.loss_mask.sum() for r in items))
-            metrics["sequences"] = float(len(items))
+        minis = [m for m in (self._lay_out(part) for part in split_mini_batches(batch, self.cfg.mini_batches_per_batch))
+                 if m[1] > 0]
+        total = float(sum(t for _, t, _ in minis))
+        metrics["sequences"] = float(sum(n for _, _, n in minis))
+        self.updates = []
         if total == 0:  # every group filtered: no step, but the same metric keys as a step (zeros)
             metrics.update(skipped=1.0, step=float(self.step_count), policy_version=float(self.policy_version),
-                           micro_batches=0.0, tokens=0.0, row_tokens=0.0, row_tokens_over_tokens=0.0, head_positions=0.0,
+                           micro_batches=0.0, mini_batches=0.0, optimizer_steps=0.0, proximal_pass_s=0.0,
+                           tokens=0.0, row_tokens=0.0, row_tokens_over_tokens=0.0, head_positions=0.0,
                            step_time_s=time.perf_counter() - start, tokens_per_s=0.0, row_tokens_per_s=0.0)
             return metrics
-        packed = [self._micro_batches(shard) for shard in split_for_ranks(items, self.world)]
-        n_micro = max(len(p) for p in packed)
-        mine = packed[self.rank] + [self._empty_micro_batch()] * (n_micro - len(packed[self.rank]))
-        stats = LossStats()
+        plans = [self._plan(items) for items, _, _ in minis]  # per mini-batch: every rank's micro-batches
+        mine = [self._mine(packed) for packed in plans]
         self.engine.train()
-        for mb in mine:
-            loss, st = micro_batch_loss(self.engine, mb.to(self.device), self.settings, total / self.world,
-                                        self.ref_model, self.cfg.logit_chunk_tokens)
-            self.engine.backward(loss, scale_wrt_gas=False)
-            stats.merge(st)
-        lr = float(self.scheduler.get_last_lr()[0])  # the rate this update uses
-        self.engine.step()
+        # proximal log-probs: None = the current weights' (detached), right for the first update of the batch
+        proximal: list[list[torch.Tensor] | None] = [None] * len(minis)
+        proximal_s = 0.0
+        if self.settings.off_policy == "decoupled" and self.cfg.ppo_epochs * len(minis) > 1:
+            t = time.perf_counter()
+            with torch.no_grad():  # the first mini-batch is needed again only in a later epoch
+                for k in range(0 if self.cfg.ppo_epochs > 1 else 1, len(minis)):
+                    proximal[k] = [micro_batch_logprobs(self.engine, mb.to(self.device), sampling=self.sampling,
+                                                        logit_chunk=self.cfg.logit_chunk_tokens)[0] for mb in mine[k]]
+            proximal_s = time.perf_counter() - t
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate every update of this step uses
+        stats = LossStats()
+        for _ in range(self.cfg.ppo_epochs):
+            for k, ((_, mini_total, _), mbs) in enumerate(zip(minis, mine, strict=True)):
+                update = LossStats()
+                for j, mb in enumerate(mbs):
+                    loss, st = micro_batch_loss(self.engine, mb.to(self.device), self.settings, mini_total / self.world,
+                                                self.ref_model, self.cfg.logit_chunk_tokens, self.sampling,
+                                                None if proximal[k] is None else proximal[k][j])
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    update.merge(st)
+                self.engine.step()
+                update = self._all_reduce(update)
+                self.updates.append({**update.summary(), "loss": update.loss / mini_total,
+                                     "grad_norm": self._grad_norm()})
+                stats.merge(update)
+        self.scheduler.step()
         self.step_count += 1
         self.policy_version += 1
-        stats = self._all_reduce(stats)
         elapsed = time.perf_counter() - start
-        processed = float(sum(mb.real_tokens for p in packed for mb in p))
-        row_tokens = float(sum(mb.row_tokens for p in packed for mb in p))
-        head_positions = float(sum(mb.head_positions for p in packed for mb in p))
+        every = [mb for packed in plans for p in packed for mb in p]
+        processed = float(sum(mb.real_tokens for mb in every))
+        row_tokens = float(sum(mb.row_tokens for mb in every))
         metrics.update(stats.summary())
-        metrics.update(skipped=0.0, loss=stats.loss / total, grad_norm=self._grad_norm(),
-                       lr=lr, step=float(self.step_count),
-                       policy_version=float(self.policy_version), micro_batches=float(n_micro), tokens=processed,
+        metrics.update(skipped=0.0, loss=float(np.mean([u["loss"] for u in self.updates])),
+                       grad_norm=float(np.mean([u["grad_norm"] for u in self.updates])),
+                       grad_norm_max=max(u["grad_norm"] for u in self.updates),
+                       lr=lr, step=float(self.step_count), policy_version=float(self.policy_version),
+                       micro_batches=float(sum(len(m) for m in mine)), mini_batches=float(len(minis)),
+                       optimizer_steps=float(len(self.updates)), proximal_pass_s=proximal_s, tokens=processed,
                        row_tokens=row_tokens, row_tokens_over_tokens=row_tokens / processed,
-                       head_positions=head_positions,
+                       head_positions=float(sum(mb.head_positions for mb in every)),
                        step_time_s=elapsed, tokens_per_s=processed / elapsed, row_tokens_per_s=row_tokens / elapsed)
         return metrics
+
+    def _lay_out(self, part: list[TreeAdvantages]) -> tuple[list, float, int]:
+        """A mini-batch's training items (tree units or per-leaf rows), its trained-token count and its rows."""
+        if self.packing == "tree":
+            items = tree_units(part, self.cfg.micro_batch_tokens)
+            return items, float(sum(len(u.entry_token) for u in items)), sum(len(u.row_index) for u in items)
+        items = build_sequences(part)
+        return items, float(sum(r.loss_mask.sum() for r in items)), len(items)
+
+    def _plan(self, items: list) -> list[list[MicroBatch | PackedMicroBatch]]:
+        """Every rank's micro-batches of one mini-batch (each rank derives the same plan)."""
+        return [self._micro_batches(shard) for shard in split_for_ranks(items, self.world)]
+
+    def _mine(self, packed: list[list[MicroBatch | PackedMicroBatch]]) -> list[MicroBatch | PackedMicroBatch]:
+        """This rank's micro-batches, padded with empty ones to the most any rank has (collective backward)."""
+        n_micro = max(len(p) for p in packed)
+        return packed[self.rank] + [self._empty_micro_batch()] * (n_micro - len(packed[self.rank]))
 
     def _micro_batches(self, shard: list) -> list[MicroBatch | PackedMicroBatch]:
         if self.packing == "tree":
@@ -214,19 +261,24 @@ class Learner:
         import torch.distributed as dist
 
         names = [k for k in vars(stats) if not k.endswith(("_max", "_min"))]
+        highs = [k for k in vars(stats) if k.endswith("_max")]
+        lows = [k for k in vars(stats) if k.endswith("_min")]
         sums = torch.tensor([getattr(stats, k) for k in names], dtype=torch.float64)
-        extremes = torch.tensor([stats.importance_weight_max, -stats.importance_weight_min], dtype=torch.float64)
+        extremes = torch.tensor([getattr(stats, k) for k in highs] + [-getattr(stats, k) for k in lows],
+                                dtype=torch.float64)
         dist.all_reduce(sums)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        out = LossStats(**dict(zip(names, sums.tolist(), strict=True)))
-        out.importance_weight_max, out.importance_weight_min = extremes[0].item(), -extremes[1].item()
-        return out
+        values = extremes.tolist()
+        return LossStats(**dict(zip(names, sums.tolist(), strict=True)),
+                         **dict(zip(highs, values[:len(highs)], strict=True)),
+                         **{k: -v for k, v in zip(lows, values[len(highs):], strict=True)})
 
     # ------------------------------------------------------------------ checkpoints and weights
     def save_checkpoint(self, directory: str | Path) -> None:
         """Model, optimizer, LR schedule, step and policy version under `directory` (collective)."""
         self.engine.save_checkpoint(str(directory), tag=f"step{self.step_count}",
-                                    client_state={"step": self.step_count, "policy_version": self.policy_version})
+                                    client_state={"step": self.step_count, "policy_version": self.policy_version,
+                                                  "lr_schedule": self.scheduler.state_dict()})  # DeepSpeed reserves "lr_scheduler"
 
     def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> None:
         """Restore the checkpoint `tag` (default: the latest) saved under `directory` (collective)."""
@@ -235,6 +287,7 @@ class Learner:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
         self.step_count = int(client["step"])
         self.policy_version = int(client["policy_version"])
+        self.scheduler.load_state_dict(client["lr_schedule"])
 
     @contextmanager
     def full_weights(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -12,7 +12,10 @@ Either way only the positions that predict a trained token go through the LM hea
 called for its final hidden states (`output_hidden_states`, with `logits_to_keep` empty so that it
 computes no logits itself), the output embedding is applied to the selected hidden rows, and a
 log-softmax over the vocabulary in float32 (or the model's dtype when wider; `PickedLogprob`, one
-fused pass) gives log pi(token | context) there. The head runs in
+fused pass) gives log pi(token | context) there, pi being the distribution the actors sample from
+(`protocol.sampling`: the logits divided by the rollout temperature, with its top-k / top-p; the
+sampled token itself always stays in the support, so a rounding difference at the nucleus edge
+cannot give -inf). The head runs in
 chunks of `logit_chunk` positions; with more than one chunk each chunk is recomputed in the
 backward pass (activation checkpointing), so peak memory holds one chunk x vocabulary of logits,
 not all of them. The entropy is that of the full next-token distribution at the same positions,
@@ -27,11 +30,15 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from learner.batch import MicroBatch
 from learner.loss import LossSettings, LossStats, policy_loss
 from learner.tree_attention import tree_attention_mask
 from learner.tree_layout import PackedMicroBatch
 from protocol.config.learner import LearnerConfig
+from protocol.config.rollout import RolloutConfig
+from protocol.sampling import removed_by_filters
 
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DEFAULT_LOGIT_CHUNK: int = LearnerConfig.model_fields["logit_chunk_tokens"].default
@@ -46,6 +53,26 @@ def _plain_head_model(model: torch.nn.Module) -> torch.nn.Module:
                                   f"is not among those known to have no logit soft-cap or scaling: "
                                   f"{sorted(PLAIN_HEAD_MODELS)}")
     return hf_model
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The actors' sampling distribution, which the learner's log-probs are taken under."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+
+    @classmethod
+    def from_rollout(cls, cfg: RolloutConfig) -> Sampling:
+        return cls(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+RAW = Sampling()
 
 
 class PickedLogprob(torch.autograd.Function):
@@ -65,7 +92,7 @@ class PickedLogprob(torch.autograd.Function):
         probs.div_(total)
         log_norm = (top + total.log()).squeeze(-1)
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-        entropy = log_norm - (probs * logits).sum(-1)
+        entropy = log_norm - (probs * logits).nansum(-1)  # 0 * -inf where a filter removed a token
         ctx.save_for_backward(probs, targets)
         ctx.mark_non_differentiable(entropy)
         return picked, entropy
@@ -77,23 +104,31 @@ class PickedLogprob(torch.autograd.Function):
         return grad.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1)), None
 
 
-def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden)
-    return PickedLogprob.apply(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
+    if sampling.filtered:
+        removed = removed_by_filters(logits.detach(), sampling.top_k, sampling.top_p)
+        removed.scatter_(-1, targets.unsqueeze(-1), False)
+        logits = logits.masked_fill(removed, float("-inf"))
+    return PickedLogprob.apply(logits, targets)
 
 
 def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, logit_chunk: int,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log-softmax(head(hidden))[targets] for hidden [N, H], targets [N]: [N], float32 at least; and the entropy.
+                  with_entropy: bool = False, sampling: Sampling = RAW) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log-softmax(sampling logits of head(hidden))[targets] for hidden [N, H], targets [N]: [N], float32 at
+    least; and the entropy of that distribution.
 
     In chunks of `logit_chunk` rows; when there are several, each is recomputed in the backward pass."""
     if len(hidden) <= logit_chunk:
-        picked, entropy = _head_chunk(head, hidden, targets)
+        picked, entropy = _head_chunk(head, hidden, targets, sampling)
     else:
         from torch.utils.checkpoint import checkpoint
 
-        parts = [checkpoint(_head_chunk, head, h, t, use_reentrant=False)
+        parts = [checkpoint(_head_chunk, head, h, t, sampling, use_reentrant=False)
                  for h, t in zip(hidden.split(logit_chunk), targets.split(logit_chunk), strict=True)]
         picked, entropy = torch.cat([p for p, _ in parts]), torch.cat([e for _, e in parts])
     return picked, entropy if with_entropy else None
@@ -107,7 +142,8 @@ def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
 
 
 def token_logprobs(model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False,
-                   logit_chunk: int = DEFAULT_LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   logit_chunk: int = DEFAULT_LOGIT_CHUNK,
+                   sampling: Sampling = RAW) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows: log pi(token_t | tokens_<t) for t >= 1 where token t is trained, else 0: [B, T-1] float32;
     and the entropy there if asked. `model` is a HF causal LM or a DeepSpeed engine around one."""
     hf_model = _plain_head_model(model)
@@ -115,7 +151,7 @@ def token_logprobs(model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = 
                            position_ids=mb.position_ids)
     trained = mb.loss_mask[:, 1:] > 0
     picked, entropy = head_logprobs(hf_model.get_output_embeddings(), hidden[:, :-1][trained],
-                                    mb.input_ids[:, 1:][trained], logit_chunk, with_entropy)
+                                    mb.input_ids[:, 1:][trained], logit_chunk, with_entropy, sampling)
     logprobs = picked.new_zeros(trained.shape).masked_scatter(trained, picked)
     if not with_entropy:
         return logprobs, None
@@ -123,33 +159,44 @@ def token_logprobs(model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = 
 
 
 def packed_token_logprobs(model: torch.nn.Module, mb: PackedMicroBatch, with_entropy: bool = False,
-                          logit_chunk: int = DEFAULT_LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          logit_chunk: int = DEFAULT_LOGIT_CHUNK,
+                          sampling: Sampling = RAW) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tree: log pi of each loss entry's token, float32 [E] (each unique token computed once, then
     gathered); and the entropy there if asked."""
     hf_model = _plain_head_model(model)
     mask = tree_attention_mask(mb.subtree_end, hf_model.config, hf_model.dtype)
     hidden = _final_hidden(model, input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids)
     picked, entropy = head_logprobs(hf_model.get_output_embeddings(), hidden.flatten(0, 1)[mb.predictors],
-                                    mb.input_ids.flatten()[mb.targets], logit_chunk, with_entropy)
+                                    mb.input_ids.flatten()[mb.targets], logit_chunk, with_entropy, sampling)
     return picked[mb.entry_slots], entropy[mb.entry_slots] if with_entropy else None
+
+
+def micro_batch_logprobs(model: torch.nn.Module, mb: MicroBatch | PackedMicroBatch, with_entropy: bool = False,
+                         logit_chunk: int = DEFAULT_LOGIT_CHUNK,
+                         sampling: Sampling = RAW) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The log-probs the loss reads for either layout: [B, T-1] for rows, [E] for tree packing."""
+    logprobs_of = packed_token_logprobs if isinstance(mb, PackedMicroBatch) else token_logprobs
+    return logprobs_of(model, mb, with_entropy=with_entropy, logit_chunk=logit_chunk, sampling=sampling)
 
 
 def micro_batch_loss(model: torch.nn.Module, mb: MicroBatch | PackedMicroBatch, settings: LossSettings,
                      normaliser: float, ref_model: torch.nn.Module | None = None,
-                     logit_chunk: int = DEFAULT_LOGIT_CHUNK) -> tuple[torch.Tensor, LossStats]:
-    """The micro-batch's share of the step loss (its token sum / `normaliser`) and its statistics."""
-    logprobs_of = packed_token_logprobs if isinstance(mb, PackedMicroBatch) else token_logprobs
-    logprobs, entropy = logprobs_of(model, mb, with_entropy=True, logit_chunk=logit_chunk)
+                     logit_chunk: int = DEFAULT_LOGIT_CHUNK, sampling: Sampling = RAW,
+                     proximal: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
+    """The micro-batch's share of the step loss (its token sum / `normaliser`) and its statistics.
+    `proximal`: the log-probs at the batch's starting weights (`micro_batch_logprobs` under no_grad);
+    None means the current weights are the proximal policy (one update per batch)."""
+    logprobs, entropy = micro_batch_logprobs(model, mb, True, logit_chunk, sampling)
     ref = None
     if ref_model is not None:
         with torch.no_grad():
-            ref, _ = logprobs_of(ref_model, mb, logit_chunk=logit_chunk)
+            ref, _ = micro_batch_logprobs(ref_model, mb, logit_chunk=logit_chunk, sampling=sampling)
     if isinstance(mb, PackedMicroBatch):
         behaviour, advantages = mb.behaviour_logprobs, mb.advantages
         mask = torch.ones_like(advantages)
     else:
         behaviour, advantages, mask = mb.behaviour_logprobs[:, 1:], mb.advantages[:, 1:], mb.loss_mask[:, 1:]
-    loss, stats = policy_loss(logprobs, behaviour, advantages, mask, settings, ref_logprobs=ref,
-                              normaliser=normaliser)
+    loss, stats = policy_loss(logprobs, behaviour, advantages, mask, settings, proximal_logprobs=proximal,
+                              ref_logprobs=ref, normaliser=normaliser)
     stats.entropy = float((entropy * mask).sum())
     return loss, stats

@@ -2,12 +2,16 @@
 acknowledge, push the new weights to the actors, checkpoint. `treepo learner` runs it.
 
 One iteration (policy version v -> v+1):
-  1. rank 0 reads `learner.prompts_per_step` complete trees from the run's Redis stream (trees
-     more than `buffer.max_staleness` versions behind v are dropped and counted by the source);
-     with N ranks it hands the same trees to every rank, encoded with the protocol codec;
-  2. `Learner.step(trees)` (advantages, loss, one optimizer step; each rank trains its share);
-  3. rank 0 acknowledges the batch (`BatchSource.commit`) only after the step, so a crash before
-     it makes the trees come again;
+  1. rank 0 reads complete trees from the run's Redis stream (trees more than
+     `buffer.max_staleness` versions behind v are dropped and counted by the source) until it holds
+     `learner.prompts_per_step` that carry signal (DAPO dynamic sampling: with
+     `filter_uniform_prompts`, a tree whose leaves are uniform is set aside, and more are drawn, up
+     to `fill_max_draws` x prompts_per_step in all); with N ranks it hands the same trees to every
+     rank, encoded with the protocol codec;
+  2. `Learner.step(trees)` (advantages, loss, the optimizer updates; each rank trains its share);
+  3. rank 0 acknowledges the batch (`BatchSource.commit`) and the trees set aside
+     (`BatchSource.set_aside`, counter `uniform_skips`) only after the step, so a crash before it
+     makes the trees come again;
   4. every `push_every` steps the weights are published as version v+1 (newest-only per actor);
   5. every `checkpoint_every` steps, and at the end, a checkpoint; at the end also an export of
      the weights as a HF directory (`<output_dir>/export`).
@@ -35,7 +39,9 @@ import torch
 from buffer.client import Batch, BatchSource
 from buffer.redis_server import connect
 from buffer.store import TreeStore
+from learner.advantage.filter import is_uniform
 from learner.engine import Learner
+from learner.forward import Sampling
 from learner.metrics_sink import MetricsSink
 from learner.weight_push import ZmqWeightPublisher
 from models import materialise_model
@@ -94,7 +100,7 @@ class LearnerLoop:
     def __init__(self, cfg: PipelineConfig, model_dir: Path, stop: threading.Event):
         self.cfg, self.stop = cfg, stop
         self.out = Path(cfg.run.output_dir)
-        self.learner = Learner(cfg.learner, model_dir, seed=cfg.run.seed)
+        self.learner = Learner(cfg.learner, model_dir, seed=cfg.run.seed, sampling=Sampling.from_rollout(cfg.rollout))
         self.rank, self.world = self.learner.rank, self.learner.world
         self.ckpt_dir = self.out / "checkpoints"
         if (self.ckpt_dir / "latest").exists():
@@ -108,6 +114,9 @@ class LearnerLoop:
             store.set_learner_version(self.learner.policy_version)
             self.publisher = ZmqWeightPublisher(cfg.weights, cfg.security, run_id=cfg.run.run_id)
             self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port)
+            # one line per optimizer update (several per step with mini-batches), indexed by update count
+            self.update_sink = MetricsSink(self.out / "metrics", "learner_update")
+            self.uniform_skips = 0
         self._publish()
 
     def _publish(self) -> None:
@@ -115,14 +124,22 @@ class LearnerLoop:
             if self.publisher is not None:  # snapshots them before returning
                 self.publisher.publish(self.learner.policy_version, weights)
 
-    def _next_batch(self) -> Batch:
-        """Rank 0 waits for a whole batch (or a stop); idle time is what the learner waited for data."""
-        batch, need = Batch(), self.cfg.learner.prompts_per_step
-        while len(batch.trees) < need and not self.stop.is_set():
-            got = self.source.next_batch(need - len(batch.trees), self.learner.policy_version, timeout_s=0.5)
-            batch.trees += got.trees
-            batch.entries += got.entries
-        return batch
+    def _next_batch(self) -> tuple[Batch, Batch]:
+        """Rank 0 waits for a batch of trees with signal (or a stop) and returns it with the uniform trees
+        drawn on the way; idle time is what the learner waited for data."""
+        cfg = self.cfg.learner
+        need = cfg.prompts_per_step
+        limit = need * (cfg.fill_max_draws if cfg.filter_uniform_prompts else 1)
+        batch, uniform = Batch(), Batch()
+        while len(batch.trees) < need and len(batch.trees) + len(uniform.trees) < limit and not self.stop.is_set():
+            drawn = len(batch.trees) + len(uniform.trees)
+            got = self.source.next_batch(min(need - len(batch.trees), limit - drawn), self.learner.policy_version,
+                                         timeout_s=0.5)
+            for tree, entry in zip(got.trees, got.entries, strict=True):
+                into = uniform if cfg.filter_uniform_prompts and is_uniform(tree) else batch
+                into.trees.append(tree)
+                into.entries.append(entry)
+        return batch, uniform
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1 if self.stop.is_set() else 0])
@@ -142,12 +159,13 @@ class LearnerLoop:
                             cfg.max_steps, skipped)
                 break
             t0 = time.perf_counter()
-            batch = self._next_batch() if self.rank == 0 else None
+            batch, uniform = self._next_batch() if self.rank == 0 else (None, None)
             if self._stop_requested():
                 break
             waited = time.perf_counter() - t0
             trees = broadcast_trees(batch.trees if batch else None, self.rank, self.world)
-            data = tree_metrics(trees, lrn.policy_version)
+            drawn = batch.trees + uniform.trees if self.rank == 0 else []  # the reward figures cover every tree drawn
+            data = tree_metrics(drawn, lrn.policy_version) if self.rank == 0 else {}
             stepped_from = lrn.step_count
             metrics = lrn.step(trees)
             # a batch without a trained token (every group filtered) makes no step: no new version to push or save
@@ -155,15 +173,22 @@ class LearnerLoop:
             skipped = 0 if stepped else skipped + 1
             if self.rank == 0:
                 self.source.commit(batch, lrn.policy_version)
+                self.source.set_aside(uniform)
             if stepped and lrn.step_count % cfg.push_every == 0:
                 self._publish()
             if stepped and lrn.step_count % cfg.checkpoint_every == 0:
                 lrn.save_checkpoint(self.ckpt_dir)
             if self.sink is not None:
                 total = time.perf_counter() - t0
+                self.uniform_skips += len(uniform.trees)
                 self.sink.log(lrn.step_count, {**data, **metrics, "wait_s": waited, "iteration_s": total,
-                                               "idle_fraction": waited / total,
+                                               "idle_fraction": waited / total, "trees_drawn": float(len(drawn)),
+                                               "uniform_fraction": len(uniform.trees) / len(drawn),
+                                               "uniform_skips": float(self.uniform_skips),
                                                "stale_drops": float(self.source.stale_drops)})
+                first = lrn.engine.global_steps - len(lrn.updates)  # DeepSpeed counts optimizer steps (checkpointed)
+                for i, update in enumerate(lrn.updates, start=1):
+                    self.update_sink.log(first + i, update)
         lrn.save_checkpoint(self.ckpt_dir)
         lrn.export(self.out / "export")
 
@@ -172,6 +197,7 @@ class LearnerLoop:
             self.publisher.close()
         if self.sink is not None:
             self.sink.close()
+            self.update_sink.close()
         if self.redis is not None:
             self.redis.close()
 

@@ -11,10 +11,30 @@ log-prob lp_beh (what the actor sampled with):
     loss = sum_t l_t mask_t / normaliser
 
 `normaliser` defaults to the micro-batch's trained-token count (token-mean); the learner passes the
-trained-token count of the whole step so that the sum of micro-batch losses is the step's token-mean.
-The proximal policy is the weights at the start of the optimizer step (decoupled PPO, Hilton et
-al.); with one update per step it equals the detached current log-probs, and the importance weight
-w then carries the whole off-policy correction. Metrics are sums over trained tokens (`LossStats`).
+trained-token count of the whole mini-batch, so that the sum of its micro-batch losses is the
+mini-batch's token-mean. The proximal policy is the weights at the start of the batch: with several
+updates per batch (`learner.mini_batches_per_batch`, `learner.ppo_epochs`) the learner computes its
+log-probs in one no-grad pass before the first update and every update's ratio is taken against
+them, so r = 1 in the first update only; with one update per batch the proximal log-probs are the
+detached current ones (the same numbers, without the extra pass). Metrics are sums over trained
+tokens (`LossStats`).
+
+Where this deliberately differs from ALGORITHMS.md §1.6 (the DAPO recipe in verl):
+- The actors' log-probs are used: verl recomputes the old log-probs with the trainer and ignores the
+  engine's, which is right when rollout and training weights are the same. Here actors run up to
+  `buffer.max_staleness` versions behind, so the proximal policy (recomputed by the learner, as in
+  verl) gives the ratio and the behaviour log-probs give a capped importance weight (decoupled PPO,
+  Hilton et al.; AReaL). `off_policy: on_policy` is plain PPO against the behaviour log-probs.
+- The log-probs are those of the sampling distribution, temperature and top-k / top-p included
+  (`protocol.sampling`, `learner.forward`); verl divides by the temperature only.
+- token-mean is over the whole mini-batch across ranks (trained tokens / world per micro-batch),
+  not verl's per-micro-batch mean rescaled by sequence counts: equal when micro-batches hold equal
+  token counts, and exact here when they do not.
+- Mini-batches are consecutive groups of the batch's trees (verl: of its prompts), so a tree's
+  leaves, and their shared prefix, stay in one update.
+- Prompt filtering (dynamic sampling) fills the batch from the stream with a bounded number of
+  draws (`learner.fill_max_draws`) rather than generating 3x the prompts and cutting the extras;
+  uniformity is tested on `acc` with a tolerance (`learner.advantage.filter`).
 """
 
 from __future__ import annotations
@@ -53,11 +73,15 @@ class LossStats:
     dual_clipped: float = 0.0  # A < 0 and r > c
     importance_weight: float = 0.0  # uncapped pi_prox / pi_beh
     importance_capped: float = 0.0  # tokens whose weight hit the cap
+    ratio: float = 0.0  # r = pi / pi_prox (decoupled) or pi / pi_behaviour (on_policy)
+    proximal_kl: float = 0.0  # k3 of KL(the policy r is taken against || current): (r - 1) - log r
     approx_kl: float = 0.0  # k3 of KL(behaviour || current)
     ref_kl: float = 0.0  # k3 of KL(current || reference)
     entropy: float = 0.0
     importance_weight_max: float = field(default=float("-inf"))
     importance_weight_min: float = field(default=float("inf"))
+    ratio_max: float = field(default=float("-inf"))
+    ratio_min: float = field(default=float("inf"))
 
     def merge(self, other: LossStats) -> None:
         for f in fields(self):
@@ -74,10 +98,10 @@ class LossStats:
         out["clip_frac_high"] = out.pop("clipped_high")
         out["dual_clip_frac"] = out.pop("dual_clipped")
         out["importance_capped_frac"] = out.pop("importance_capped")
+        out["ratio_mean"] = out.pop("ratio")
         out["trained_tokens"] = self.tokens
         if self.tokens:
-            out["importance_weight_max"] = self.importance_weight_max
-            out["importance_weight_min"] = self.importance_weight_min
+            out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith(("_max", "_min"))})
         return out
 
 
@@ -121,6 +145,8 @@ def policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advant
         log_rb = (logprobs - behaviour_logprobs)[on]
         r_det = ratio.detach()
         w_on = raw_weight.detach()[on]
+        r_on = r_det[on]
+        log_r = torch.log(r_on)
         stats = LossStats(
             tokens=n, loss=float(total.detach()),
             clipped_low=float(((a < 0) & (r_det < 1 - settings.clip_low))[on].sum()),
@@ -128,8 +154,11 @@ def policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advant
             dual_clipped=float(((a < 0) & (r_det > settings.dual_clip))[on].sum()),
             importance_weight=float(w_on.sum()),
             importance_capped=float((w_on > settings.importance_cap).sum()),
+            ratio=float(r_on.sum()), proximal_kl=float((r_on - 1 - log_r).sum()),
             approx_kl=float((torch.exp(log_rb) - 1 - log_rb).sum()),
             ref_kl=float(ref_kl.detach()[on].sum()),
             importance_weight_max=float(w_on.max()) if n else float("-inf"),
-            importance_weight_min=float(w_on.min()) if n else float("inf"))
+            importance_weight_min=float(w_on.min()) if n else float("inf"),
+            ratio_max=float(r_on.max()) if n else float("-inf"),
+            ratio_min=float(r_on.min()) if n else float("inf"))
     return loss, stats

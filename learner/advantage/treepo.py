@@ -4,7 +4,7 @@ For leaf i with reward R_i and ancestors a_0 = root, a_1 .. a_D (a_D = the leaf'
 G_j(i) is the set of leaves under a_j (G_0 = every leaf of the prompt). Then
 
     A_ij = R_i - mean_{k in G_j(i)} R_k          (a group of one leaf uses mean 0, as the reference)
-    S_i  = {0} u {j >= 1 : |G_j(i)| > 1 [and std(R_{G_j(i)}) > 0 when subtree_std_filter]}
+    S_i  = {0} u {j >= 1 : |G_j(i)| > 1 [and R_{G_j(i)} not all equal (`no_spread`) when subtree_std_filter]}
     average:    A_i = (1/|S_i|) sum_{j in S_i} A_ij                          (default)
     group_size: A_i = sum_{j in S_i} |G_j(i)| A_ij / sum_{j in S_i} |G_j(i)|  (paper Eq. 6)
 
@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from learner.advantage.filter import no_spread
 from protocol.tree import Tree
 
 Weighting = Literal["average", "group_size"]
@@ -43,7 +44,7 @@ def treepo_advantages(tree: Tree, weighting: Weighting = "average",
         terms = [(rewards[i] - group_mean(rewards), len(rewards))]  # the root group is always included
         for node in paths[i]:
             members = rewards[under[node]]
-            if len(members) > 1 and not (subtree_std_filter and members.std() == 0):
+            if len(members) > 1 and not (subtree_std_filter and no_spread(members)):
                 terms.append((rewards[i] - group_mean(members), len(members)))
         adv = np.array([a for a, _ in terms])
         if weighting == "average":

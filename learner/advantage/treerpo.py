@@ -6,7 +6,7 @@ Node values, bottom-up: a leaf's value is its reward; an internal node's value i
 The two differ on unbalanced trees. A segment with no leaf under it has no value and is not trained.
 
 Groups: the children (with a value) of one node, the root included. A group with fewer than two
-members, or whose members all share one value, carries no comparison: it is dropped and counted.
+members, or whose members all share one value (up to `filter.no_spread`), carries no comparison: it is dropped and counted.
 For a kept group with member values r_1..r_n (mean m, unbiased std s):
 
     "none":  A(c) = r(c) - m                       (Dr.GRPO style)
@@ -25,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 
+from learner.advantage.filter import no_spread
 from protocol.tree import ROOT_ID, Tree
 
 NodeValue = Literal["mean_children", "mean_leaves"]
@@ -75,7 +76,7 @@ def centred_groups(tree: Tree, node_value: NodeValue, counts: GroupCounts) -> li
         r = np.array([values[c] for c in members])
         if len(r) < 2:
             counts.singleton += 1
-        elif r.min() == r.max():
+        elif no_spread(r):
             counts.zero_spread += 1
         else:
             counts.kept += 1

@@ -20,18 +20,39 @@ class LearnerConfig(Section):
         "group", description="TreeRPO advantage normalisation: none = r - mean; group = / (sibling std + eps); "
         "batch = / (std of all centred values of the batch + eps).")
     adv_eps: float = Field(1e-6, gt=0, description="epsilon of (r - mean) / (std + eps).")
-    filter_uniform_prompts: bool = Field(True, description="Drop prompts whose leaves all have one reward (counted).")
+    filter_uniform_prompts: bool = Field(
+        True, description="Leave out prompts whose leaves carry no signal (counted): all equally correct (the reward's "
+        "`acc`, as DAPO filters), or, for rewards without correctness, all of one reward. The learner loop then fills "
+        "its batch with trees that do carry signal (DAPO dynamic sampling, `fill_max_draws`).")
+    fill_max_draws: int = Field(
+        4, ge=1, description="Dynamic sampling: to fill a batch with prompts_per_step trees that carry signal, the "
+        "learner draws at most this many x prompts_per_step trees; uniform ones are acknowledged and counted, not "
+        "trained. If the draws run out it trains what it has (a batch with none makes no step and counts towards "
+        "stop_after_skipped). 1 = no refill. Only with filter_uniform_prompts.")
+    mask_truncated: bool = Field(
+        False, description="Overlong masking (DAPO): leaves cut by the length cap (stop reason max_tokens or "
+        "max_depth) are left out of the loss, counted; their rewards still count in the groups. Off by default: the "
+        "reference shapes the reward with the overlong penalty instead (reward.overlong_*).")
     clip_low: float = Field(0.2, ge=0, description="PPO clip epsilon below 1.")
     clip_high: float = Field(0.28, ge=0, description="PPO clip epsilon above 1 (clip-higher).")
     dual_clip: float = Field(10.0, gt=1, description="Dual-clip c for negative advantages.")
     importance_cap: float = Field(2.0, gt=0, description="Truncation of the behaviour importance weight "
                                   "pi_prox / pi_behaviour (decoupled PPO).")
     off_policy: Literal["decoupled", "on_policy"] = Field(
-        "decoupled", description="decoupled: proximal = current weights, behaviour weight capped; on_policy: plain PPO "
-        "against the behaviour log-probs.")
+        "decoupled", description="decoupled: the ratio is taken against the proximal policy (the weights at the start "
+        "of the batch) and the actors' behaviour log-probs enter as a capped importance weight pi_prox / pi_behaviour; "
+        "on_policy: plain PPO, the ratio against the behaviour log-probs.")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference model (0 = no reference model).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch (PPO epochs).")
+    mini_batches_per_batch: int = Field(
+        1, ge=1, description="Optimizer steps per epoch: the batch's trees are split into this many mini-batches "
+        "(fewer when the batch has fewer trees), each one optimizer step. With more than one update per batch a "
+        "no-grad forward first computes the proximal log-probs at the batch's starting weights (once, not per epoch), "
+        "so from the second update on the ratio pi / pi_prox moves and the PPO clip and dual clip act. The "
+        "reference (§1.6): 512 prompts in 16 mini-batches of 32.")
     lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up over this many training steps (batches; every "
+                              "optimizer step of one batch uses the same rate), then constant.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     prompts_per_step: int = Field(8, gt=0, description="Trees (prompts) per optimizer step.")

@@ -62,6 +62,13 @@ class PipelineConfig(Section):
             self.buffer.max_staleness = 0
         return self
 
+    @model_validator(mode="after")
+    def _sampled_rollouts(self):
+        if self.rollout.temperature == 0:
+            raise ValueError("rollout.temperature=0 is greedy decoding: every path of a prompt would be the same and "
+                             "the learner has no sampling distribution to take log-probs under; use a temperature > 0")
+        return self
+
 
 def config_warnings(cfg: PipelineConfig, gpu: bool) -> list[str]:
     """Settings that run but defeat their purpose, each naming the fields (start-up and `--dry-run` print them)."""

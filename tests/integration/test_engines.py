@@ -119,3 +119,27 @@ def test_both_engines_keep_the_same_counters_on_the_same_tree(vllm_engine, hf_en
     assert stats["vllm"]["cached_tokens"] > 0 and stats["hf"]["cached_tokens"] > 0
     # the transformers engine never recomputes a kept prefix: all but the last input token of a continuation
     assert stats["hf"]["cached_tokens"] >= stats["vllm"]["cached_tokens"]
+
+
+@pytest.mark.parametrize("engine_name", ["vllm", "hf"])
+def test_logprobs_are_those_of_the_sampling_distribution_the_learner_computes(engine_name, request, reference):
+    """At temperature 0.7 and top-p 0.9 each engine reports the log-probs of the distribution it sampled
+    from, and the learner's log-probs (its own forward, at the same weights and sampling settings) equal them:
+    the behaviour weight is 1 on-policy."""
+    from actors.engine import SamplingParams
+    from learner.batch import Sequence, collate
+    from learner.forward import Sampling, token_logprobs
+
+    eng = request.getfixturevalue(f"{engine_name}_engine")
+    sampling = SamplingParams(temperature=0.7, top_p=0.9)
+    results = eng.generate([SegmentRequest(PROMPT, 24, sampling=sampling, seed=s) for s in range(3)])
+    for r in results:
+        n = len(r.token_ids)
+        tokens = np.array(PROMPT + r.token_ids, np.int32)
+        mask = np.r_[np.zeros(len(PROMPT), np.float32), np.ones(n, np.float32)]
+        mb = collate([Sequence(tokens, mask * 0, mask * 0, mask)], pad_id=0)
+        with torch.no_grad():
+            learner_lp, _ = token_logprobs(reference, mb, sampling=Sampling(temperature=0.7, top_p=0.9))
+        assert np.abs(learner_lp[0, -n:].numpy() - np.array(r.logprobs)).max() < 1e-4
+        # not the raw distribution's: the settings change the numbers
+        assert max_logprob_error(reference, PROMPT, r.token_ids, r.logprobs) > 1e-2

@@ -40,10 +40,13 @@ def test_steps_raise_positive_and_lower_negative_leaves(learner):
     for key in before:
         assert (after[key] > before[key]) == (key in up), key
     first = metrics[0]
-    # behaviour = the current weights: importance weight 1, no clipping; tree-packed (the default): the trees'
-    # 21 and 9 unique tokens in two micro-batches of <= 32 tokens, for rows of 9,9,9,9 / 5,5,5 tokens
+    # behaviour = the current weights: importance weight 1; one update per batch: the proximal policy is the
+    # current one, so the ratio is 1 (the clip acts only from a batch's second update on: see the mini-batch test);
+    # tree-packed (the default): the trees' 21 and 9 unique tokens in two micro-batches of <= 32 tokens, for rows
+    # of 9,9,9,9 / 5,5,5 tokens
     assert first["importance_weight"] == pytest.approx(1.0, abs=1e-5)
-    assert first["clip_frac_low"] == first["clip_frac_high"] == 0.0
+    assert first["ratio_mean"] == 1.0 and first["proximal_kl"] == 0.0 and first["optimizer_steps"] == 1
+    assert first["proximal_pass_s"] == 0.0  # no extra forward for a single update
     assert first["trained_tokens"] == 4 * 6 + 3 * 2 and first["sequences"] == 7
     assert (first["tokens"], first["row_tokens"]) == (21 + 9, 4 * 9 + 3 * 5)
     assert first["head_positions"] == 6 * 3 + 3 * 2  # every response token once through the LM head
@@ -72,6 +75,60 @@ def test_tree_packed_steps_equal_per_leaf_rows(tiny_model_dir, estimator):
     for name, w in rows_weights.items():  # Adam moves a weight by up to lr per step whatever its gradient's size,
         # so a float32 rounding difference on a near-zero gradient can show up to a fraction of lr
         torch.testing.assert_close(packed_weights[name], w, rtol=0, atol=1e-4)
+
+
+def _path_logprobs(model, tree, leaf: int) -> np.ndarray:
+    """log pi(token) of every response token on the leaf's path under `model` (raw distribution)."""
+    ids = torch.tensor(np.concatenate([tree.prompt_token_ids, tree.path_tokens(leaf)]), dtype=torch.long)[None]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return lp[len(tree.prompt_token_ids) - 1:].numpy().astype(np.float64)
+
+
+def test_mini_batches_take_each_ratio_against_the_batch_start_and_clip(tiny_model_dir):
+    """Two mini-batches of one tree each: the first update has ratio 1 and no clipping; the second's ratio is
+    against the proximal (start-of-batch) log-probs, and its loss and clip fractions equal a hand computation
+    of the clipped objective (decoupled, behaviour weight capped) on log-probs computed here."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.advantage.grpo import grpo_advantages
+
+    w0 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    t1 = with_policy_logprobs(tree_from_edges({1: 0, 2: 0, 3: 0}, {1: 1.0, 2: -1.0, 3: 0.0}, tree_id="t1",
+                                              seg_lens={1: 4, 2: 4, 3: 4}), w0)
+    t2 = with_policy_logprobs(tree_from_edges({1: 0, 2: 0, 3: 0}, {1: -1.0, 2: 1.0, 3: -1.0}, tree_id="t2",
+                                              seg_lens={1: 4, 2: 4, 3: 4}, first_token=500), w0)
+    t2.logprobs[:] = t2.logprobs - np.linspace(-0.3, 0.9, len(t2.logprobs))  # the actor lagged: weights 0.74..2.46
+    base = {"estimator": "grpo", "lr": 0.05, "warmup_steps": 0, "micro_batch_tokens": 64}
+    learner = Learner(LearnerConfig(**base, mini_batches_per_batch=2), tiny_model_dir)
+    after_first = Learner(LearnerConfig(**base), tiny_model_dir)  # one update on t1 alone: where update 2 starts
+    after_first.step([t1])
+    metrics = learner.step([t1, t2])
+    assert (metrics["mini_batches"], metrics["optimizer_steps"], metrics["step"]) == (2, 2, 1)
+    assert metrics["proximal_pass_s"] > 0
+    u1, u2 = learner.updates
+    assert u1["ratio_min"] == pytest.approx(1.0, abs=1e-5) and u1["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert u1["clip_frac_low"] == u1["clip_frac_high"] == u1["dual_clip_frac"] == 0.0
+
+    adv = grpo_advantages(t2, LearnerConfig().adv_eps)
+    leaves = t2.leaf_ids.tolist()
+    a = np.concatenate([np.full(len(t2.path_tokens(leaf)), adv[leaf]) for leaf in leaves])
+    lp = np.concatenate([_path_logprobs(after_first.engine.module, t2, leaf) for leaf in leaves])
+    prox = np.concatenate([_path_logprobs(w0, t2, leaf) for leaf in leaves])
+    beh = np.concatenate([t2.path_logprobs(leaf) for leaf in leaves]).astype(np.float64)
+    r = np.exp(lp - prox)
+    w = np.minimum(np.exp(prox - beh), 2.0)
+    per_token = np.maximum(-a * r, -a * np.clip(r, 0.8, 1.28))
+    per_token = np.where(a < 0, np.minimum(per_token, -a * 10.0), per_token) * w
+    assert np.abs(r - 1).max() > 0.2  # lr 0.05 moved the policy far
+    assert u2["loss"] == pytest.approx(per_token.mean(), rel=1e-4)
+    assert u2["ratio_mean"] == pytest.approx(r.mean(), rel=1e-4)
+    assert u2["clip_frac_low"] == pytest.approx(((a < 0) & (r < 0.8)).mean())
+    assert u2["clip_frac_high"] == pytest.approx(((a > 0) & (r > 1.28)).mean())
+    assert u2["dual_clip_frac"] == pytest.approx(((a < 0) & (r > 10)).mean())
+    assert u2["clip_frac_low"] + u2["clip_frac_high"] > 0
+    assert u2["importance_capped_frac"] == pytest.approx((np.exp(prox - beh) > 2.0).mean())
+    assert metrics["clip_frac_high"] == pytest.approx(u2["clip_frac_high"] / 2)  # the step: both updates' tokens
 
 
 def test_export_loads_in_transformers_with_identical_logits(learner, tmp_path):

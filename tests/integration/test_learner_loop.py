@@ -1,4 +1,5 @@
-"""The learner process loop against a real Redis: a batch that trains no token makes no step."""
+"""The learner process loop against a real Redis: batches are filled with trees that carry signal (uniform
+ones acknowledged and counted), a batch that trains no token makes no step, a run without signal ends."""
 
 import json
 import threading
@@ -21,7 +22,7 @@ def test_a_batch_without_signal_makes_no_step_and_the_loop_goes_on(redis_server,
         "buffer": {"redis_url": redis_server.url, "max_staleness": 8},
         "weights": {"address": "tcp://127.0.0.1:*"},
         "learner": {"prompts_per_step": 1, "max_steps": 2, "push_every": 1, "checkpoint_every": 1,
-                    "micro_batch_tokens": 64, "warmup_steps": 0},
+                    "micro_batch_tokens": 64, "warmup_steps": 0, "fill_max_draws": 1},  # no refill
     })
     store = TreeStore.from_config(redis_server.client(), cfg)
     flat = tree_from_edges({1: 0, 2: 0}, {1: 1.0, 2: 1.0}, tree_id="flat")  # equal rewards: filtered, no token
@@ -35,7 +36,7 @@ def test_a_batch_without_signal_makes_no_step_and_the_loop_goes_on(redis_server,
         loop.run()  # a skipped batch used to publish the same version again: ValueError
         assert loop.learner.step_count == 2 and loop.learner.policy_version == 2
         assert loop.publisher._latest.version == 2
-        assert store.counters()["consumed"] == 3
+        assert (store.counters()["consumed"], store.counters()["uniform_skips"]) == (2, 1)
         rows = [json.loads(line) for line in (tmp_path / "metrics" / "learner.jsonl").read_text().splitlines()]
         assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0]
         read_by_up = ("step", "time", "iteration_s", "trees", "reward_mean", "row_tokens_per_s", "staleness_mean",
@@ -51,7 +52,8 @@ def test_a_run_without_signal_ends_early_with_a_checkpoint(redis_server, tiny_mo
         "run": {"run_id": "solved", "output_dir": str(tmp_path)},
         "buffer": {"redis_url": redis_server.url, "max_staleness": 8},
         "weights": {"address": "tcp://127.0.0.1:*"},
-        "learner": {"prompts_per_step": 1, "max_steps": 5, "stop_after_skipped": 2, "micro_batch_tokens": 64},
+        "learner": {"prompts_per_step": 1, "max_steps": 5, "stop_after_skipped": 2, "micro_batch_tokens": 64,
+                    "fill_max_draws": 2},
     })
     store = TreeStore.from_config(redis_server.client(), cfg)
     for i in range(4):  # every tree has equal rewards: the task is "solved"
@@ -62,7 +64,45 @@ def test_a_run_without_signal_ends_early_with_a_checkpoint(redis_server, tiny_mo
     loop = LearnerLoop(cfg, tiny_model_dir, threading.Event())
     try:
         loop.run()  # without the limit it waits for a batch with signal forever
-        assert loop.learner.step_count == 0 and store.counters()["consumed"] == 2
+        # two batches of two draws each, none with signal: nothing trained, every tree acknowledged
+        assert loop.learner.step_count == 0
+        assert (store.counters().get("consumed", 0), store.counters()["uniform_skips"]) == (0, 4)
         assert (tmp_path / "checkpoints" / "latest").exists() and any((tmp_path / "export").iterdir())
+    finally:
+        loop.close()
+
+
+def test_a_batch_is_filled_with_trees_that_carry_signal(redis_server, tiny_model_dir, tmp_path):
+    """DAPO dynamic sampling: 2 trees with signal per step; uniform trees drawn on the way are acknowledged,
+    counted and kept in the store, not trained; the reward figures cover every tree drawn."""
+    cfg = PipelineConfig.model_validate({
+        "run": {"run_id": "fill", "output_dir": str(tmp_path)},
+        "buffer": {"redis_url": redis_server.url, "max_staleness": 8, "retention": "keep_all"},
+        "weights": {"address": "tcp://127.0.0.1:*"},
+        "learner": {"prompts_per_step": 2, "max_steps": 2, "micro_batch_tokens": 64, "warmup_steps": 0},
+    })
+    store = TreeStore.from_config(redis_server.client(), cfg)
+    order = ["u0", "s0", "u1", "u2", "s1", "s2", "u3", "s3"]  # u: every leaf correct; s: one right, one wrong
+    for name in order:
+        acc = {1: 1.0, 2: 1.0} if name[0] == "u" else {1: 1.0, 2: 0.0}
+        t = tree_from_edges({1: 0, 2: 0}, {k: 2 * v - 1 for k, v in acc.items()}, acc=acc, tree_id=name)
+        t.run_id = "fill"
+        msg = SubtreeMsg(key=f"{t.tree_id}/0", actor_id="a", seq=0, tree=t, final=True, n_pieces=1)
+        assert store.store_whole(t.tree_id, encode(msg), min_version(t)) == b"stored"
+    loop = LearnerLoop(cfg, tiny_model_dir, threading.Event())
+    try:
+        loop.run()
+        assert loop.learner.step_count == 2
+        counters = store.counters()
+        assert (counters["consumed"], counters["uniform_skips"], counters["unconsumed"]) == (4, 4, 0)
+        assert all(store.load(name) is not None for name in order)  # set aside, not deleted
+        rows = [json.loads(line) for line in (tmp_path / "metrics" / "learner.jsonl").read_text().splitlines()]
+        # step 1 drew u0 s0 u1 u2 s1; step 2 drew s2 u3 s3
+        assert [(r["trees_drawn"], r["uniform_fraction"], r["prompts"], r["skipped"]) for r in rows] == [
+            (5.0, 0.6, 2.0, 0.0), (3.0, pytest.approx(1 / 3), 2.0, 0.0)]
+        assert [r["trees"] for r in rows] == [5.0, 3.0] and rows[1]["uniform_skips"] == 4.0
+        assert rows[0]["reward_mean"] == pytest.approx((3 * 1.0 + 2 * 0.0) / 5)
+        updates = [json.loads(line) for line in (tmp_path / "metrics" / "learner_update.jsonl").read_text().splitlines()]
+        assert [u["step"] for u in updates] == [1, 2]  # one optimizer update per step, numbered by DeepSpeed
     finally:
         loop.close()
