@@ -43,7 +43,14 @@ import torch
 
 from learner.advantage import compute_advantages
 from learner.advantage.result import TreeAdvantages
-from learner.batch import MicroBatch, build_sequences, empty_micro_batch, pack, split_for_ranks, split_mini_batches
+from learner.batch import (
+    MicroBatch,
+    build_sequences,
+    empty_micro_batch,
+    pack,
+    split_for_ranks,
+    split_mini_batches,
+)
 from learner.distributed import init_distributed
 from learner.forward import RAW, Sampling, micro_batch_logprobs, micro_batch_loss
 from learner.loss import LossSettings, LossStats

@@ -28,9 +28,9 @@ model types in `PLAIN_HEAD_MODELS` and raises for any other.
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from learner.batch import MicroBatch
 from learner.loss import LossSettings, LossStats, policy_loss
