@@ -11,7 +11,9 @@ applies the newest weights the learner pushed (assembled off the hot path by the
 thread), so segments generated after the swap carry the new policy version; it also renews its
 leases and reads the buffer's acks there. An actor killed mid-pool loses only its unacknowledged
 pieces: the buffer keeps every acknowledged piece, and the leases of unfinished trees expire and
-return their prompts to the queue.
+return their prompts to the queue. A buffer outage is ridden out: a prompt request left unanswered for
+`buffer.grant_timeout_s` is counted and logged and asked again, for as long as it lasts, and the
+pieces waiting for acknowledgement are re-sent once the buffer is back.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from buffer.client import BufferClient
 from learner.metrics_sink import MetricsSink
 from models import materialise_model
 from protocol.config import PipelineConfig, config_warnings
-from protocol.messages import PromptLease
+from protocol.messages import PromptGrant, PromptLease
 from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
 
@@ -82,6 +84,7 @@ class ActorLoop:
         self.last_heartbeat = 0.0
         self.swaps = 0
         self.swap_s = 0.0
+        self.buffer_timeouts = 0  # prompt requests the buffer left unanswered for buffer.grant_timeout_s
 
     def between_steps(self) -> None:
         """Called before every engine call: newest weights in, leases renewed, acks read."""
@@ -108,7 +111,21 @@ class ActorLoop:
         """Prompts for the pool's free slots, as the buffer's admission grants them now (none once stopping)."""
         if self.stop.is_set():
             return []
-        return [self._item(lease) for lease in self.client.request_prompts(free, self.engine.policy_version).leases]
+        grant = self._request(free)
+        return [self._item(lease) for lease in grant.leases] if grant else []
+
+    def _request(self, n: int) -> PromptGrant | None:
+        """The buffer's grant for up to `n` prompts, or None when it does not answer within
+        `buffer.grant_timeout_s` (down or restarting): counted and logged; the caller asks again later, and the
+        pieces waiting for acknowledgement are re-sent (`BufferClient.poll`) as soon as the buffer is back."""
+        try:
+            return self.client.request_prompts(n, self.engine.policy_version, timeout_s=self.cfg.buffer.grant_timeout_s)
+        except TimeoutError:
+            self.buffer_timeouts += 1
+            log.warning("%s: the buffer has not answered for %.0f s (%d pieces wait for acknowledgement); "
+                        "still trying", self.actor_id, time.monotonic() - self.client.last_reply,
+                        len(self.client.unacked))
+            return None
 
     def run(self) -> None:
         """Grow a pool of `rollout.prompts_per_step` trees; each finished tree's slot is refilled at the next
@@ -118,7 +135,9 @@ class ActorLoop:
         t0 = time.perf_counter()  # waiting for a grant (admission, back-pressure) counts from here
         while not self.stop.is_set():
             self.between_steps()
-            grant = self.client.request_prompts(slots, self.engine.policy_version)
+            grant = self._request(slots)
+            if grant is None:
+                continue
             if not grant.leases:  # no permit yet: ask again after retry_after_s, or at once when new weights
                 self.weights.wait_new(max(grant.retry_after_s, 0.05))  # arrive (they often bring the permit)
                 continue
@@ -147,6 +166,7 @@ class ActorLoop:
                                "generate_s": gen_s, "wait_s": row.waited,
                                "policy_version": float(self.engine.policy_version),
                                "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
+                               "buffer_timeouts": float(self.buffer_timeouts),
                                "generated_tokens_per_s": delta["generated_tokens"] / gen_s,
                                "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
                                **delta})

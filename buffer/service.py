@@ -10,8 +10,10 @@ service dies in between, the piece is re-sent, found held, and the assembly runs
 Messages: `SubtreeMsg` -> `Ack` (ok; or ok=False with reason `backpressure`: keep it and re-send
 later, `lease_expired`: the tree's lease was taken away, `wrong_run`); `PromptRequest` ->
 `PromptGrant` (leases, at most `buffer.admission.permits`); `Heartbeat` renews the sender's leases.
-A malformed, oversize or unexpected message is counted in Redis (`malformed:{reason}`), logged
-with the sender's ZeroMQ identity (rate-limited), answered with `ErrorMsg`, and dropped.
+A malformed, oversize or unexpected message, or a valid one whose handling fails (`unhandled`), is
+counted in Redis (`malformed:{reason}`), logged with the sender's ZeroMQ identity (rate-limited),
+answered with `ErrorMsg`, and dropped: no message ends the service. A piece whose Redis script
+fails is answered `Ack(ok=False, reason="store_error")` and counted (`malformed:store_error`).
 Expired leases are reaped a few times per lease period.
 """
 
@@ -131,7 +133,6 @@ class BufferService:
         pending: list[_Pending] = []
         requests: list[tuple[bytes, PromptRequest]] = []
         replies: list[tuple[bytes, object]] = []
-        lease_s = self.cfg.buffer.lease_seconds
         with self.store.r.pipeline(transaction=False) as pipe:
             for frames in batch:
                 sender = frames[0].bytes
@@ -144,23 +145,30 @@ class BufferService:
                 except ProtocolError as e:
                     self._drop(pipe, replies, sender, e.reason, str(e))
                     continue
-                if isinstance(msg, SubtreeMsg):
-                    self._queue_piece(pipe, replies, pending, sender, msg, raw)
-                elif isinstance(msg, PromptRequest):
-                    requests.append((sender, msg))
-                elif isinstance(msg, Heartbeat):
-                    self.store.heartbeat(msg.sender, time.time() + lease_s, pipe=pipe)
-                elif isinstance(msg, Hello):
-                    log.info("hello from %s (%s, pid %d) via %r", msg.sender, msg.role, msg.pid, sender)
-                else:
-                    self._drop(pipe, replies, sender, "unexpected", f"{type(msg).__name__} is not for the buffer")
-            results = pipe.execute()
+                try:
+                    self._dispatch(pipe, replies, pending, requests, sender, msg, raw)
+                except Exception as e:  # a valid frame whose handling failed: counted, logged, answered; serve on
+                    self._drop(pipe, replies, sender, "unhandled", f"{type(msg).__name__}: {type(e).__name__}: {e}")
+            results = pipe.execute(raise_on_error=False)  # a failed script fails its own piece, not the batch
         for p in pending:
             replies.append((p.sender, self._piece_ack(p, results[p.index])))
         for sender, req in requests:
             replies.append((sender, self._grant(req)))
         for sender, reply in replies:
             self.sock.send_multipart([sender, encode(reply)])
+
+    def _dispatch(self, pipe, replies, pending: list[_Pending], requests: list[tuple[bytes, PromptRequest]],
+                  sender: bytes, msg: object, raw: memoryview) -> None:
+        if isinstance(msg, SubtreeMsg):
+            self._queue_piece(pipe, replies, pending, sender, msg, raw)
+        elif isinstance(msg, PromptRequest):
+            requests.append((sender, msg))
+        elif isinstance(msg, Heartbeat):
+            self.store.heartbeat(msg.sender, time.time() + self.cfg.buffer.lease_seconds, pipe=pipe)
+        elif isinstance(msg, Hello):
+            log.info("hello from %s (%s, pid %d) via %r", msg.sender, msg.role, msg.pid, sender)
+        else:
+            self._drop(pipe, replies, sender, "unexpected", f"{type(msg).__name__} is not for the buffer")
 
     def _queue_piece(self, pipe, replies, pending: list[_Pending], sender: bytes, msg: SubtreeMsg,
                      raw: memoryview) -> None:
@@ -173,6 +181,9 @@ class BufferService:
             self._drop(pipe, replies, sender, "n_pieces", f"final piece {msg.key!r} says n_pieces={msg.n_pieces}")
             return
         whole = msg.final and msg.n_pieces == 1
+        if whole and len(tree.leaf_ids) == 0:
+            self._drop(pipe, replies, sender, "empty_tree", f"complete tree {tree.tree_id!r} has no leaf")
+            return
         if whole:
             index = self.store.queue_whole(pipe, tree.tree_id, raw, min_version(tree))
         else:
@@ -180,6 +191,10 @@ class BufferService:
         pending.append(_Pending(sender, msg, whole, index))
 
     def _piece_ack(self, p: _Pending, result) -> Ack:
+        if isinstance(result, Exception):  # the store's script refused the piece (e.g. a Redis-side error)
+            self.store.count(self.store.r, "malformed:store_error")
+            self.drop_log(p.sender, "store_error", f"piece {p.msg.key!r}: {result}")
+            return Ack(key=p.msg.key, ok=False, reason="store_error")
         if p.whole:
             status = result.decode()
         else:

@@ -13,7 +13,8 @@ Redis layout (standalone Redis; every key of run R starts with `treepo:R:`, writ
                                     retention policy: re-sent pieces are duplicates) or `expired`
                                     (lease expired: its pieces are refused).
     P stream                STREAM  one entry per complete tree, {tree: id, v: oldest segment version};
-                                    consumer group `learner`. An entry is XDEL'd once acknowledged.
+                                    consumer group `learner`. An entry is XDEL'd once acknowledged: when a
+                                    checkpoint holds its update (trained), or at once (stale, uniform, lost).
     P by_version            ZSET    tree id, scored by its oldest segment's policy version (replay index).
     P consumed              LIST    ids of consumed trees, oldest first (retention=keep_last).
     P advantages            HASH    tree id -> msgpack {leaf_ids, values} the learner computed (export).
@@ -23,13 +24,19 @@ Redis layout (standalone Redis; every key of run R starts with `treepo:R:`, writ
                                     discarded_partial_trees, discarded_pieces, refused_expired,
                                     malformed:{reason}, ...
     P learner_version       STRING  the version of the learner's last committed step.
+    P trained               SET     stream entry ids the learner trained whose update no checkpoint holds yet
+                                    (consumed, still pending: acknowledged at the next checkpoint).
+    P version_high          STRING  the highest policy version ever published in the run.
+    P lineage_gaps          LIST    "after:resume": a learner resumed from its checkpoint at version `after`
+                                    republished it as `resume`; versions in between came from lost weights.
     P prompts               LIST    prompt ids waiting for an actor (LPOP from the head; an expired
                                     lease puts its prompt back at the head).
     P prompt_data           HASH    prompt id -> msgpack {prompt, answer}.
-    P leases                HASH    tree id (= lease id) -> actor id holding it.
+    P leases                HASH    tree id (= lease id) -> the actor session holding it ("{actor id}#{random}":
+                                    one per actor process, so a restart under the same id is a new holder).
     P lease_prompt          HASH    tree id -> prompt id.
     P lease_deadline        ZSET    tree id, scored by the unix time its lease expires.
-    P actor:{actor_id}      SET     the tree ids an actor holds leases for (a heartbeat renews them all).
+    P actor:{session}       SET     the tree ids an actor session holds leases for (its heartbeat renews them all).
 
 Every state change is one Lua script, so "stored + indexed + counted" (and "acknowledged + retained")
 is atomic, and re-running a script with the same piece changes nothing but the duplicate counter.
@@ -133,7 +140,8 @@ if total > 0 then held = held - 1 end
 return {status, held, total}
 """
 
-# ARGV: P, kind (counter to bump), retention, keep, tombstone ttl, learner version or '', then id/tree pairs
+# ARGV: P, kind (counter to bump), retention, keep, tombstone ttl, learner version or '', then id/tree pairs.
+# An entry already counted by _CONSUME (in P trained) is not counted again.
 _ACK = """
 local P, kind, retention, keep, ttl, version = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local function drop(tid)
@@ -145,11 +153,14 @@ end
 local acked = 0
 for i = 7, #ARGV, 2 do
   local id, tid = ARGV[i], ARGV[i + 1]
+  local counted = redis.call('SREM', P..'trained', id) == 1
   if redis.call('XACK', P..'stream', 'learner', id) == 1 then
     acked = acked + 1
     redis.call('XDEL', P..'stream', id)
-    redis.call('HINCRBY', P..'counters', 'unconsumed', -1)
-    redis.call('HINCRBY', P..'counters', kind, 1)
+    if not counted then
+      redis.call('HINCRBY', P..'counters', 'unconsumed', -1)
+      redis.call('HINCRBY', P..'counters', kind, 1)
+    end
     if retention == 'trim' then
       drop(tid)
     elseif retention == 'keep_last' then
@@ -160,6 +171,42 @@ for i = 7, #ARGV, 2 do
 end
 if version ~= '' then redis.call('SET', P..'learner_version', version) end
 return acked
+"""
+
+# ARGV: P, learner version, then entry ids. Trained, not yet acknowledged (that waits for the checkpoint that
+# holds the update): out of the admission count (unconsumed) and counted as consumed, once per entry.
+_CONSUME = """
+local P, version = ARGV[1], ARGV[2]
+local n = 0
+for i = 3, #ARGV do
+  if redis.call('SADD', P..'trained', ARGV[i]) == 1 then
+    n = n + 1
+    redis.call('HINCRBY', P..'counters', 'unconsumed', -1)
+    redis.call('HINCRBY', P..'counters', 'consumed', 1)
+  end
+end
+redis.call('SET', P..'learner_version', version)
+return n
+"""
+
+# ARGV: P. A learner resumed from a checkpoint that does not hold the updates of the entries in P trained:
+# they are unconsumed again (their stream entries are still pending: they come again).
+_REOPEN = """
+local P = ARGV[1]
+local ids = redis.call('SMEMBERS', P..'trained')
+for _, id in ipairs(ids) do
+  redis.call('HINCRBY', P..'counters', 'unconsumed', 1)
+  redis.call('HINCRBY', P..'counters', 'consumed', -1)
+end
+redis.call('DEL', P..'trained')
+return #ids
+"""
+
+# ARGV: P, version. The highest policy version ever published in the run (monotonic).
+_NOTE_PUBLISHED = """
+local cur = tonumber(redis.call('GET', ARGV[1]..'version_high') or '-1')
+if tonumber(ARGV[2]) > cur then redis.call('SET', ARGV[1]..'version_high', ARGV[2]) end
+return redis.call('GET', ARGV[1]..'version_high')
 """
 
 _LEASE = """
@@ -257,6 +304,9 @@ class TreeStore:
         self._store_tree = client.register_script(_STORE_TREE)
         self._store_piece = client.register_script(_STORE_PIECE)
         self._ack = client.register_script(_ACK)
+        self._consume = client.register_script(_CONSUME)
+        self._reopen = client.register_script(_REOPEN)
+        self._note_published = client.register_script(_NOTE_PUBLISHED)
         self._lease = client.register_script(_LEASE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._expire = client.register_script(_EXPIRE)
@@ -364,8 +414,36 @@ class TreeStore:
             yield from (t for t in self.load_many(ids[i:i + chunk]) if t is not None)
 
     # ------------------------------------------------------------------------------------ learner
+    def consume(self, entries: list[tuple[str, str]], learner_version: int) -> int:
+        """Entries [(entry id, tree id)] the learner trained at `learner_version`, before the checkpoint that holds
+        the update: counted as consumed and out of the admission count, but still pending (see `ack`);
+        returns how many were new."""
+        return int(self._consume(args=[self.p, learner_version, *(e for e, _ in entries)]))
+
+    def reopen_trained(self) -> int:
+        """A resumed learner's entries trained after its checkpoint: unconsumed again; returns how many."""
+        return int(self._reopen(args=[self.p]))
+
+    def note_published(self, version: int) -> int:
+        """Record that `version` was published; returns the highest version ever published in the run."""
+        return int(self._note_published(args=[self.p, version]))
+
+    def version_high(self) -> int:
+        """The highest policy version ever published in the run (-1 before the first)."""
+        v = self.r.get(self.key("version_high"))
+        return int(v) if v is not None else -1
+
+    def add_lineage_gap(self, after: int, resume: int) -> None:
+        """A learner resumed at version `after` (its checkpoint) republishes those weights as `resume`: the
+        versions in between were published by weights that are gone."""
+        self.r.rpush(self.key("lineage_gaps"), f"{after}:{resume}")
+
+    def lineage_gaps(self) -> list[tuple[int, int]]:
+        return [tuple(int(x) for x in _s(g).split(":")) for g in self.r.lrange(self.key("lineage_gaps"), 0, -1)]
+
     def ack(self, entries: list[tuple[str, str]], kind: str = "consumed", learner_version: int | None = None) -> int:
-        """Acknowledge stream entries [(entry id, tree id)], apply retention; returns how many were new."""
+        """Acknowledge stream entries [(entry id, tree id)], apply retention; returns how many were new. An entry
+        `consume` counted already is not counted again."""
         args = [self.p, kind, self.retention, self.retention_keep, self.tombstone_seconds,
                 "" if learner_version is None else learner_version]
         for entry_id, tree_id in entries:

@@ -10,9 +10,14 @@ gets a free one) and log to `<output_dir>/logs/<role>.log`.
 While it runs it shows the learner's progress from `<output_dir>/metrics/*.jsonl` with rich
 (step, reward, trees/s, tokens/s, staleness, policy versions); TensorBoard logs are under
 `<output_dir>/metrics/tensorboard`, Prometheus /metrics on `run.metrics_port` when set. It ends
-when the learner reaches `learner.max_steps` (checkpoint + export written) or on Ctrl-C (the
-learner is asked to stop first, so it checkpoints), then stops actors, buffer and Redis in that
-order, draws the reward curve to `<output_dir>/reward.png` and prints it.
+when the learner reaches `learner.max_steps` (checkpoint + export written) or on Ctrl-C / SIGTERM
+(the learner is asked to stop first, so it checkpoints), then stops actors, learner, buffer and
+Redis in that order, draws the reward curve to `<output_dir>/reward.png` and prints it.
+
+A role that dies is restarted (`Supervisor`: with backoff, at most `run.max_restarts` times per
+`run.restart_window_s`, logged; the learner resumes from its checkpoint). Re-running on an existing
+run directory resumes it (said at start-up; `--resume` insists on a checkpoint, `--fresh --force`
+starts over).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +58,21 @@ class Child:
         if cpus:
             argv = ["taskset", "-c", ",".join(str(c) for c in cpus), *argv]
             env = {**env, "OMP_NUM_THREADS": str(len(cpus))}
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True, preexec_fn=die_with_parent)
+        self.argv, self.env = argv, env
+        self.restarts: list[float] = []  # monotonic times of this role's restarts
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+
+    def restart(self) -> None:
+        """The same command again (a dead process: reaped first), appending to the same log."""
+        self.proc.wait()
+        self.log.write(f"\n=== treepo up: restart {len(self.restarts) + 1} of {self.name} ===\n".encode())
+        self.log.flush()
+        self.restarts.append(time.monotonic())
+        self.proc = self._spawn()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -171,24 +190,64 @@ def resolve(cfg: PipelineConfig, model_dir: Path, redis_url: str) -> PipelineCon
     return PipelineConfig.model_validate(data)
 
 
+class Supervisor:
+    """Restarts a role that died (`run.max_restarts` per `run.restart_window_s`, with backoff): an actor, the
+    buffer, or the learner when it failed (it resumes from its checkpoint; a learner that exits 0 has finished)."""
+
+    def __init__(self, cfg: PipelineConfig, children: dict[str, Child]):
+        self.run, self.children = cfg.run, children
+        self.due: dict[str, float] = {}  # role -> when its restart is due
+        self.failed: str | None = None  # a role past its restart budget: the run ends
+
+    def check(self) -> list[str]:
+        """One look at the children: schedule and perform restarts; lines saying what happened."""
+        now, lines = time.monotonic(), []
+        for name, child in self.children.items():
+            if child.alive() or (name == "learner" and child.proc.returncode == 0):
+                continue
+            if name not in self.due:
+                recent = [t for t in child.restarts if now - t < self.run.restart_window_s]
+                if len(recent) >= self.run.max_restarts:
+                    self.failed = name
+                    lines.append(f"[red]{name} exited ({child.proc.returncode}) and was restarted {len(recent)} "
+                                 f"times in {self.run.restart_window_s:.0f} s (run.max_restarts): giving up; "
+                                 f"last lines:\n{child.tail(10)}")
+                    continue
+                wait = min(60.0, self.run.restart_backoff_s * 2 ** len(recent))
+                self.due[name] = now + wait
+                lines.append(f"[yellow]{name} exited ({child.proc.returncode}); restarting in {wait:.0f} s "
+                             f"(restart {len(recent) + 1} of at most {self.run.max_restarts} in "
+                             f"{self.run.restart_window_s:.0f} s); last lines:\n{child.tail(10)}")
+            elif now >= self.due[name]:
+                del self.due[name]
+                child.restart()
+                lines.append(f"[yellow]{name} restarted (pid {child.proc.pid})")
+        return lines
+
+    def restarts(self) -> int:
+        return sum(len(c.restarts) for c in self.children.values())
+
+
 def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) -> bool:
-    """Progress until the learner exits; False if it failed. Ctrl-C asks the learner to stop."""
+    """Progress until the learner finishes; False if a role failed for good. Ctrl-C asks the learner to stop."""
     learner = children["learner"]
+    supervisor = Supervisor(cfg, children)
     columns = [TextColumn("[bold]learner"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("steps", total=cfg.learner.max_steps, info="starting (model, engines, DeepSpeed)")
-        dead: set[str] = set()
         learner_rows, actor_tails = JsonlTail(metrics_dir / "learner.jsonl"), {}
         first = last = None
         trees = gen_tokens = prompt_tokens = cached_tokens = 0.0
-        while learner.alive():
+        while not (learner.proc.poll() == 0 or supervisor.failed):
             try:
                 time.sleep(1.0)
             except KeyboardInterrupt:
                 console.print("[yellow]Ctrl-C: asking the learner to checkpoint and stop")
-                os.killpg(learner.proc.pid, signal.SIGINT)
-                continue
+                if learner.alive():
+                    os.killpg(learner.proc.pid, signal.SIGINT)
+                    learner.proc.wait()
+                return learner.proc.returncode == 0
             # only what was appended since the last look: a week-long run must not re-read its history
             for row in learner_rows.new_rows():
                 first, last = first or row, row
@@ -199,23 +258,47 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
                     gen_tokens += r["generated_tokens"]
                     prompt_tokens += r["prompt_tokens"]
                     cached_tokens += r["cached_tokens"]
-            for name, child in children.items():
-                if name != "learner" and not child.alive() and name not in dead:
-                    dead.add(name)
-                    console.print(f"[red]{name} exited ({child.proc.returncode}); last lines:\n{child.tail(10)}")
+            for line in supervisor.check():
+                console.print(line)
             if last is not None:
                 elapsed = max(1e-9, last["time"] - first["time"] + first["iteration_s"])
                 info = (f"reward {last['reward_mean']:+.3f}  trees/s {trees / elapsed:.2f}  "
                         f"gen tok/s {gen_tokens / elapsed:.0f}  cache hits {100 * cached_tokens / max(1.0, prompt_tokens):.0f}%  "
                         f"train tok/s {last['row_tokens_per_s']:.0f}  "
                         f"staleness {last['staleness_mean']:.1f}  versions {int(last['tree_version_min'])}.."
-                        f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%")
+                        f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%"
+                        + (f"  restarts {supervisor.restarts()}" if supervisor.restarts() else ""))
                 progress.update(task, completed=int(last["step"]), info=info)
-    return learner.proc.returncode == 0
+    return supervisor.failed is None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults when omitted), e.g. configs/cpu-tiny.yaml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in run.output_dir from its checkpoint, stored trees and prompt queue "
+                           "(an error if there is none); also what a plain re-run on an existing run does")
+    mode.add_argument("--fresh", action="store_true",
+                      help="start over: refuses a run.output_dir that holds a run unless --force (which deletes it)")
+    p.add_argument("--force", action="store_true", help="with --fresh: delete the existing run first")
+
+
+def prepare_output(out: Path, resume: bool, fresh: bool, force: bool) -> str:
+    """What `treepo up` does with `out`, said in one line (or a SystemExit naming the flag to use)."""
+    checkpoint = out / "checkpoints" / "latest"
+    existing = out.exists() and any(out.iterdir())
+    if fresh and existing:
+        if not force:
+            raise SystemExit(f"treepo up --fresh: {out} holds a run; add --force to delete it, or drop --fresh to "
+                             f"resume it")
+        shutil.rmtree(out)
+        return f"fresh run in {out} (the previous run there was deleted: --fresh --force)"
+    if resume and not checkpoint.exists():
+        raise SystemExit(f"treepo up --resume: no checkpoint under {out / 'checkpoints'} to resume from")
+    if checkpoint.exists():
+        return (f"resuming the run in {out} from its checkpoint ({checkpoint.read_text().strip()}), its stored "
+                f"trees and its prompt queue (--fresh --force starts over)")
+    return f"fresh run in {out}" + (" (its stored data, if any, is kept: --fresh --force starts over)" if existing else "")
 
 
 @dataclass
@@ -229,7 +312,7 @@ class Launch:
 
 @contextmanager
 def launched(cfg: PipelineConfig, cpus: dict[str, list[int]] | None = None) -> Iterator[Launch]:
-    """Model, Redis, then the children (see `start_children`); on exit stops actors, buffer, learner and Redis."""
+    """Model, Redis, then the children (see `start_children`); on exit stops actors, learner, buffer and Redis."""
     out = Path(cfg.run.output_dir)
     log_dir, metrics_dir = out / "logs", out / "metrics"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -245,8 +328,9 @@ def launched(cfg: PipelineConfig, cpus: dict[str, list[int]] | None = None) -> I
         children = start_children(resolved, config_path, log_dir, cpus)
         try:
             yield Launch(resolved, children, metrics_dir)
-        finally:
-            for name in [n for n in children if n.startswith("actor-")] + ["buffer", "learner"]:
+        finally:  # actors first (nothing new to train), the learner (final checkpoint, acknowledgements), the
+            # buffer; Redis last, when the context above exits
+            for name in [n for n in children if n.startswith("actor-")] + ["learner", "buffer"]:
                 children[name].stop(timeout_s=60)
 
 
@@ -260,12 +344,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(cfg.run.output_dir)
     console.print(f"[bold]treepo up[/]: run {cfg.run.run_id!r} -> {out}  ({cfg.run.actors} actor(s), "
                   f"{cfg.run.learner_ranks} learner rank(s), {cfg.rollout.mode} rollouts, {cfg.learner.estimator} advantages)")
+    console.print(prepare_output(out, args.resume, args.fresh, args.force))
     with launched(cfg) as launch:
         ok = watch(launch.cfg, launch.children, launch.metrics_dir)
     rows = read_jsonl(launch.metrics_dir / "learner.jsonl")
     if not ok:
         learner = launch.children["learner"]
-        console.print(f"[red]the learner failed; last lines of {learner.log_path}:\n{learner.tail(40)}")
+        console.print(f"[red]the run failed; last lines of {learner.log_path}:\n{learner.tail(40)}")
         return 1
     if rows:
         curve = reward_by_step(rows)

@@ -156,6 +156,8 @@ class Learner:
             optimizer.register_step_pre_hook(self.clip_hook)
         self.scheduler = scheduler  # stepped once per training step (not per update), so DeepSpeed does not own it
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, gpu))
+        if self.world == 1 and cfg.zero_stage == 0:  # nothing to average; DeepSpeed would still flatten and copy
+            self.engine.enable_backward_allreduce = False  # back every gradient at each step (0.18 s, SmolLM2-135M)
         self.ref_model = None
         if cfg.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(
@@ -281,20 +283,24 @@ class Learner:
                          **{k: -v for k, v in zip(lows, values[len(highs):], strict=True)})
 
     # ------------------------------------------------------------------ checkpoints and weights
-    def save_checkpoint(self, directory: str | Path) -> None:
-        """Model, optimizer, LR schedule, step and policy version under `directory` (collective)."""
+    def save_checkpoint(self, directory: str | Path, loop_state: dict | None = None) -> None:
+        """Model, optimizer, LR schedule, step, policy version and the caller's `loop_state` (what the learner
+        loop must find again with these weights) under `directory` (collective; rank 0's `loop_state` is kept)."""
         self.engine.save_checkpoint(str(directory), tag=f"step{self.step_count}",
                                     client_state={"step": self.step_count, "policy_version": self.policy_version,
-                                                  "lr_schedule": self.scheduler.state_dict()})  # DeepSpeed reserves "lr_scheduler"
+                                                  "lr_schedule": self.scheduler.state_dict(),  # "lr_scheduler" is
+                                                  "loop": loop_state or {}})  # DeepSpeed's own key
 
-    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> None:
-        """Restore the checkpoint `tag` (default: the latest) saved under `directory` (collective)."""
+    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
+        """Restore the checkpoint `tag` (default: the latest) saved under `directory` (collective); returns its
+        `loop_state`."""
         path, client = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
         self.step_count = int(client["step"])
         self.policy_version = int(client["policy_version"])
         self.scheduler.load_state_dict(client["lr_schedule"])
+        return client["loop"]
 
     @contextmanager
     def full_weights(self) -> Iterator[dict[str, torch.Tensor]]:

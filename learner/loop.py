@@ -9,14 +9,20 @@ One iteration (policy version v -> v+1):
      to `fill_max_draws` x prompts_per_step in all); with N ranks it hands the same trees to every
      rank, encoded with the protocol codec;
   2. `Learner.step(trees)` (advantages, loss, the optimizer updates; each rank trains its share);
-  3. rank 0 acknowledges the batch (`BatchSource.commit`) and the trees set aside
-     (`BatchSource.set_aside`, counter `uniform_skips`) only after the step, so a crash before it
-     makes the trees come again;
+  3. rank 0 marks the batch trained (`BatchSource.trained`: consumed, out of the admission count) and
+     sets aside the uniform trees drawn (`BatchSource.set_aside`, counter `uniform_skips`); the trained
+     trees stay pending in the stream until a checkpoint holds their update;
   4. every `push_every` steps the weights are published as version v+1 (newest-only per actor);
-  5. every `checkpoint_every` steps, and at the end, a checkpoint; at the end also an export of
-     the weights as a HF directory (`<output_dir>/export`).
-The learner resumes from the latest checkpoint under `<output_dir>/checkpoints` and then publishes
-its version, so actors that started from the base weights catch up before generating more.
+  5. every `checkpoint_every` steps, and at the end, a checkpoint that lists the trees trained since
+     the previous one, which are acknowledged once it is saved; at the end also an export of the
+     weights as a HF directory (`<output_dir>/export`).
+Exactly once: a learner that crashes resumes from its latest checkpoint, acknowledges the trees that
+checkpoint lists (in case it died before doing so), and reopens the trees trained after it, which
+come again from the stream; so every stored tree within the staleness bound is trained once in the
+final model's lineage (`metrics/trained_trees.jsonl` records each step's trees, and each resume).
+Policy versions never repeat: the resumed weights are published as one past the highest version ever
+published, and trees from the lost versions in between are dropped, counted (`buffer.lineage`).
+Actors that started from the base weights, or hold lost ones, catch up before generating more.
 
 Schedules: `async` lets actors generate while the learner trains (bounded by the staleness
 admission of the buffer); `sync` is the same loop with max_staleness 0 (the config enforces it),
@@ -43,6 +49,7 @@ from learner.advantage.filter import is_uniform
 from learner.engine import Learner
 from learner.forward import Sampling
 from learner.metrics_sink import MetricsSink
+from learner.trained_log import TrainedLog
 from learner.weight_push import ZmqWeightPublisher
 from models import materialise_model
 from protocol.codec import decode, encode
@@ -52,6 +59,7 @@ from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
 
 log = logging.getLogger("treepo.learner")
+SHUTDOWN_REDIS_WAIT_S = 10.0  # how long a stopping learner waits for Redis to take its last acknowledgements
 
 
 def tree_metrics(trees: list[Tree], learner_version: int) -> dict[str, float]:
@@ -103,26 +111,70 @@ class LearnerLoop:
         self.learner = Learner(cfg.learner, model_dir, seed=cfg.run.seed, sampling=Sampling.from_rollout(cfg.rollout))
         self.rank, self.world = self.learner.rank, self.learner.world
         self.ckpt_dir = self.out / "checkpoints"
-        if (self.ckpt_dir / "latest").exists():
-            self.learner.load_checkpoint(self.ckpt_dir)
-            log.info("resumed at step %d (policy version %d)", self.learner.step_count, self.learner.policy_version)
+        resumed = (self.ckpt_dir / "latest").exists()
+        saved = self.learner.load_checkpoint(self.ckpt_dir) if resumed else {}
+        self.unsaved: list[tuple[str, str]] = []  # entries trained since the last checkpoint (rank 0)
         self.source = self.publisher = self.sink = self.redis = None
+        version = self.learner.policy_version
         if self.rank == 0:
             self.redis = connect(cfg)
             store = TreeStore.from_config(self.redis.client, cfg)
+            if resumed:
+                version = self._resume_store(store, saved)
             self.source = BatchSource(store, "learner-0", cfg.buffer.max_staleness, cfg.buffer.claim_idle_s)
-            store.set_learner_version(self.learner.policy_version)
             self.publisher = ZmqWeightPublisher(cfg.weights, cfg.security, run_id=cfg.run.run_id)
             self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port)
             # one line per optimizer update (several per step with mini-batches), indexed by update count
             self.update_sink = MetricsSink(self.out / "metrics", "learner_update")
+            # which trees each step trained (the lineage record `bench/chaos.py` audits)
+            self.trained_log = TrainedLog(self.out / "metrics" / "trained_trees.jsonl")
+            if resumed:
+                self.trained_log.resumed(self.learner.step_count, version)
             self.uniform_skips = 0
+        self.learner.policy_version = self._from_rank0(version)
+        if self.rank == 0:
+            self.source.store.set_learner_version(self.learner.policy_version)
         self._publish()
+
+    def _resume_store(self, store: TreeStore, saved: dict) -> int:
+        """Rank 0, resuming: acknowledge what the checkpoint holds, reopen what it does not, and the version to
+        publish the checkpoint's weights as (past every version already published: `buffer.lineage`)."""
+        lrn = self.learner
+        held = store.ack([tuple(e) for e in saved["acks"]], kind="consumed")
+        reopened = store.reopen_trained()
+        high = store.version_high()
+        version = lrn.policy_version
+        if high > version:
+            store.add_lineage_gap(version, high + 1)
+            version = high + 1
+        log.info("resumed at step %d from the checkpoint of policy version %d, published as version %d "
+                 "(versions %d..%d came from lost weights; their trees are dropped); %d trees acknowledged with "
+                 "the checkpoint, %d trained after it come again", lrn.step_count, lrn.policy_version, version,
+                 lrn.policy_version + 1, high, held, reopened)
+        return version
+
+    def _from_rank0(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, 0)
+        return int(t.item())
 
     def _publish(self) -> None:
         with self.learner.full_weights() as weights:  # collective under ZeRO-3
             if self.publisher is not None:  # snapshots them before returning
                 self.publisher.publish(self.learner.policy_version, weights)
+                self.source.store.note_published(self.learner.policy_version)
+
+    def _checkpoint(self) -> None:
+        """Save (collective), then acknowledge the trees whose updates the checkpoint now holds: a crash before
+        the acknowledgement finds them in the checkpoint, one before the save finds them pending."""
+        self.learner.save_checkpoint(self.ckpt_dir, {"acks": self.unsaved})
+        if self.rank == 0:
+            self.source.acknowledge(self.unsaved)
+            self.unsaved = []
 
     def _next_batch(self) -> tuple[Batch, Batch]:
         """Rank 0 waits for a batch of trees with signal (or a stop) and returns it with the uniform trees
@@ -172,12 +224,14 @@ class LearnerLoop:
             stepped = lrn.step_count > stepped_from
             skipped = 0 if stepped else skipped + 1
             if self.rank == 0:
-                self.source.commit(batch, lrn.policy_version)
+                self.source.trained(batch, lrn.policy_version)
+                self.unsaved += batch.entries
                 self.source.set_aside(uniform)
+                self.trained_log.batch(lrn.step_count, lrn.policy_version, stepped, [t.tree_id for t in trees])
             if stepped and lrn.step_count % cfg.push_every == 0:
                 self._publish()
             if stepped and lrn.step_count % cfg.checkpoint_every == 0:
-                lrn.save_checkpoint(self.ckpt_dir)
+                self._checkpoint()
             if self.sink is not None:
                 total = time.perf_counter() - t0
                 self.uniform_skips += len(uniform.trees)
@@ -185,12 +239,24 @@ class LearnerLoop:
                                                "idle_fraction": waited / total, "trees_drawn": float(len(drawn)),
                                                "uniform_fraction": len(uniform.trees) / len(drawn),
                                                "uniform_skips": float(self.uniform_skips),
-                                               "stale_drops": float(self.source.stale_drops)})
+                                               "stale_drops": float(self.source.stale_drops),
+                                               "lost_weights_drops": float(self.source.lost_weights),
+                                               "redis_retries": float(self.redis.client.get_retry().failures)})
                 first = lrn.engine.global_steps - len(lrn.updates)  # DeepSpeed counts optimizer steps (checkpointed)
                 for i, update in enumerate(lrn.updates, start=1):
                     self.update_sink.log(first + i, update)
-        lrn.save_checkpoint(self.ckpt_dir)
-        lrn.export(self.out / "export")
+        self._finish()
+
+    def _finish(self) -> None:
+        """The final checkpoint and export, then the acknowledgements of what the checkpoint holds."""
+        self.learner.save_checkpoint(self.ckpt_dir, {"acks": self.unsaved})
+        self.learner.export(self.out / "export")
+        if self.rank == 0:
+            if self.stop.is_set():  # shutting down: Redis may be stopping at the same moment (a killed `treepo up`
+                # stops every role at once); the checkpoint lists these acknowledgements, so do not wait long
+                self.redis.client.get_retry().within_s = SHUTDOWN_REDIS_WAIT_S
+            self.source.acknowledge(self.unsaved)
+            self.unsaved = []
 
     def close(self) -> None:
         if self.publisher is not None:
@@ -198,6 +264,7 @@ class LearnerLoop:
         if self.sink is not None:
             self.sink.close()
             self.update_sink.close()
+            self.trained_log.close()
         if self.redis is not None:
             self.redis.close()
 

@@ -175,7 +175,8 @@ class ZmqWeightPublisher(WeightPublisher):
         self._peers: dict[bytes, _Peer] = {}
         self._stop = False
         self._error: BaseException | None = None
-        self.failures: collections.deque[Exception] = collections.deque(maxlen=100)
+        self.failures: collections.deque[Exception] = collections.deque(maxlen=100)  # the latest
+        self.failure_count = 0  # all of them: refused frames, failed handling, timeouts
         self.bytes_sent = 0
         self.transfers_done = 0
         self._thread = threading.Thread(target=self._run, name="weight-publisher", daemon=True)
@@ -305,13 +306,20 @@ class ZmqWeightPublisher(WeightPublisher):
             self._send_nowait(peer.identity, bye)
 
     def _on_message(self, identity: bytes, data: memoryview) -> None:
-        now = time.monotonic()
-        peer = self._peers.get(identity)
         try:
             msg = decode(data, self.limits)
         except ProtocolError as e:
             self._fail(identity, e, reply=ErrorMsg(code=e.reason, message=str(e)))
             return
+        try:
+            self._dispatch(identity, msg)
+        except Exception as e:  # a valid frame whose handling failed: that peer is dropped, the thread serves on
+            log.warning("weight publisher: %s from %r failed: %r; the peer is dropped", type(msg).__name__, identity, e)
+            self._fail(identity, e, reply=ErrorMsg(code="unhandled", message=f"{type(e).__name__}: {e}"[:200]))
+
+    def _dispatch(self, identity: bytes, msg: object) -> None:
+        now = time.monotonic()
+        peer = self._peers.get(identity)
         if isinstance(msg, Hello | Heartbeat):
             if peer is None or isinstance(msg, Hello):
                 peer = _Peer(identity, msg.sender, msg.policy_version, now)
@@ -423,6 +431,7 @@ class ZmqWeightPublisher(WeightPublisher):
 
     def _fail(self, identity: bytes, error: Exception, reply: ErrorMsg | None = None) -> None:
         self.failures.append(error)
+        self.failure_count += 1
         if reply is not None:
             self._send_nowait(identity, encode(reply))
         self._forget(identity)

@@ -12,7 +12,8 @@ encoder copies an array's memory once (into the message) with no per-element wor
 decoder returns read-only numpy views of the received buffer: msgpack only parses the small
 header, the array bytes are neither copied nor touched. Nothing is ever pickled.
 
-Decoding untrusted bytes raises only `ProtocolError`: a bad frame, unknown major version, unknown
+Decoding untrusted bytes raises only `ProtocolError` (every field is type-checked before it is used,
+the version included): a bad frame, a version that is not two integers or an unknown major, an unknown
 message type, malformed msgpack, an array outside the arena, a field of the wrong type or dtype,
 or a size over `Limits`. A minor version bump may add fields with defaults; a decoder of the same
 major ignores fields it does not know, and fills the defaults of fields the sender did not have.
@@ -144,7 +145,10 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> A
         raise ProtocolError("malformed", f"not valid msgpack: {e}") from None
     if not isinstance(env, list) or len(env) != 4:
         raise ProtocolError("malformed", "envelope must be [major, minor, type, body]")
-    major, _minor, name, body = env
+    major, minor, name, body = env
+    if type(major) is not int or type(minor) is not int:  # not `!=` on whatever came: an array has no truth value
+        raise ProtocolError("version", f"schema version must be two integers, got [{_describe(major)}, "
+                                       f"{_describe(minor)}]")
     if major != SCHEMA_VERSION[0]:
         raise ProtocolError("version", f"schema major version {major!r} not supported (this is {SCHEMA_VERSION[0]})")
     cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None

@@ -11,6 +11,9 @@ class BufferConfig(Section):
     ingest_address: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ ROUTER address actors send subtrees to.")
     redis_url: str = Field("", description="redis://host:port/db of an existing server; '' starts an embedded one.")
     redis_password: str = Field("", description="Redis password (AUTH), or '' for none.")
+    redis_retry_s: float = Field(300.0, gt=0, description="How long the buffer, the learner and the prompt feed ride "
+                                 "out a Redis outage (commands retried with exponential backoff, logged, counted) "
+                                 "before they give up with the error.")
     data_dir: str = Field("", description="Directory of the embedded Redis (AOF); default <run.output_dir>/redis.")
     max_staleness: int = Field(4, ge=0, description="A tree is trained only if learner_version - its oldest "
                                "segment's version <= this.")
@@ -21,6 +24,9 @@ class BufferConfig(Section):
     retention_keep: int = Field(10_000, gt=0, description="Trees kept with retention=keep_last.")
     lease_seconds: float = Field(120.0, gt=0, description="A prompt lease expires this long after the last heartbeat.")
     resend_timeout_s: float = Field(5.0, gt=0, description="Actors re-send an unacknowledged subtree after this.")
+    grant_timeout_s: float = Field(30.0, gt=0, description="An actor whose prompt request the buffer has not answered "
+                                   "for this long (down, restarting) logs it, counts it and asks again, for as long "
+                                   "as the outage lasts; its unacknowledged pieces are re-sent when the buffer is back.")
     backpressure_wait_s: float = Field(0.2, gt=0, description="An actor told to wait (buffer full, no permit) "
                                        "asks again after this.")
     max_unacked_pieces: int = Field(64, gt=0, description="An actor sends at most this many pieces ahead of "

@@ -38,6 +38,12 @@ class RunConfig(Section):
     learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks `treepo up` starts for the learner (torchrun "
                                "when > 1); each rank trains on its share of every batch.")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
+    max_restarts: int = Field(5, ge=0, description="`treepo up` restarts a role that dies (the learner from its "
+                              "checkpoint) at most this many times within `restart_window_s`; one more failure in "
+                              "the window ends the run. 0 = never restart.")
+    restart_window_s: float = Field(600.0, gt=0, description="The window `max_restarts` counts restarts in.")
+    restart_backoff_s: float = Field(2.0, gt=0, description="Wait before a role's k-th restart in the window: "
+                                     "restart_backoff_s * 2^(k-1), at most 60 s.")
 
 
 class PipelineConfig(Section):

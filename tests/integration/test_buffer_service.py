@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import yaml
@@ -21,9 +23,9 @@ from buffer.client import BatchSource, BufferClient
 from buffer.redis_server import free_port
 from buffer.service import BufferService
 from buffer.store import Prompt, TreeStore
-from protocol.codec import SCHEMA_VERSION, encode
+from protocol.codec import SCHEMA_VERSION, decode, encode
 from protocol.config.pipeline import PipelineConfig
-from protocol.messages import SubtreeMsg, WeightChunk
+from protocol.messages import ErrorMsg, SubtreeMsg, WeightChunk
 from protocol.security import generate_keypair
 from protocol.tree import Tree
 from tests.factories import example_tree, frame, same
@@ -169,13 +171,18 @@ def test_admission_and_lease_expiry_through_the_service(redis_server, redis_clie
         dead.heartbeat()
         live.heartbeat()
         time.sleep(0.2)
-    assert sorted(store.active_leases().values()) == ["actor-dead", "actor-live"]
-    # the dead actor stops; the live one keeps beating until the dead lease expires
+    assert sorted(store.active_leases().values()) == sorted([dead.session, live.session])
+    # the dead actor stops; the live one keeps beating until the dead lease expires, and so does a new process
+    # under the dead one's actor id (a restart): it is another session, so it does not renew the dead leases
+    reborn = BufferClient(cfg.buffer.ingest_address, "actor-dead", cfg.buffer)
+    assert reborn.session != dead.session and reborn.actor_id == dead.actor_id
     deadline = time.monotonic() + 5
-    while "actor-dead" in store.active_leases().values():
+    while dead.session in store.active_leases().values():
         assert time.monotonic() < deadline
         live.heartbeat()
+        reborn.heartbeat()
         time.sleep(0.1)
+    reborn.close()
     c = store.counters()
     assert (c["expired_leases"], c["discarded_partial_trees"], c["discarded_pieces"]) == (1, 1, 1)
     assert store.queued_prompts() == ["p0", "p2"]
@@ -364,7 +371,7 @@ def test_an_actor_killed_mid_pool_loses_no_acknowledged_piece_and_its_leases_ret
     actor.flush(5)  # what was sent before the death is acknowledged
     assert sorted(t.prompt_id for t in finished) == ["p1", "p2", "p3", "p4"] and not actor.refused
     leased = store.active_leases()
-    assert sorted(leased.values()) == ["actor-pool"] * 3
+    assert sorted(leased.values()) == [actor.session] * 3
     before = store.counters()
     deadline = time.monotonic() + 5
     while store.active_leases():
@@ -379,3 +386,90 @@ def test_an_actor_killed_mid_pool_loses_no_acknowledged_piece_and_its_leases_ret
         assert stored is not None and same(stored, t) and len(stored.leaf_ids) == 4
     actor.close()
     svc.close()
+
+
+def test_frames_that_once_ended_the_buffer_are_dropped_between_valid_trees(redis_server, redis_client, tmp_path,
+                                                                           monkeypatch):
+    """A frame whose major version is an array reference (decode raised ValueError: the buffer exited), a complete
+    tree without leaves, and a message whose handling raises are each counted, answered and dropped; the trees
+    around them are stored and the service goes on."""
+    cfg = make_config(redis_server.url)
+    service = ThreadService(cfg, redis_client)
+    real = service.service._queue_piece
+
+    def failing(pipe, replies, pending, sender, msg, raw):
+        if msg.key == "boom/0":
+            raise KeyError("injected")
+        real(pipe, replies, pending, sender, msg, raw)
+
+    monkeypatch.setattr(service.service, "_queue_piece", failing)
+    store = TreeStore(redis_client, "run")
+    evil = zmq.Context.instance().socket(zmq.DEALER)
+    evil.setsockopt(zmq.LINGER, 0)
+    evil.connect(cfg.buffer.ingest_address)
+    good = BufferClient(cfg.buffer.ingest_address, "actor-0", cfg.buffer)
+    try:
+        array_version = frame([msgpack.ExtType(1, struct.pack("<BQQ", 5, 0, 4)), 0, "ack", {"key": "k"}], bytes(8))
+        base = tree(9)
+        empty = Tree.build(tree_id="empty", prompt_id="p", run_id="run", prompt_token_ids=base.prompt_token_ids,
+                           sampling=base.sampling, segments=[], leaves=[])
+        good.send(pieces_of(tree(0), 1)[0])
+        good.flush(10)
+        for wire in (array_version, encode(SubtreeMsg(key="e/0", actor_id="evil", seq=0, tree=empty, final=True,
+                                                      n_pieces=1)),
+                     encode(SubtreeMsg(key="boom/0", actor_id="evil", seq=0, tree=tree(5), final=True, n_pieces=1))):
+            evil.send(wire)
+            assert evil.poll(5000)
+            assert isinstance(decode(evil.recv()), ErrorMsg)
+        good.send(pieces_of(tree(1), 1)[0])
+        good.flush(10)
+        assert service.thread.is_alive()
+        c = store.counters()
+        assert (c["malformed:version"], c["malformed:empty_tree"], c["malformed:unhandled"]) == (1, 1, 1)
+        assert c["trees_stored"] == 2 and store.load("t0") is not None and store.load("t1") is not None
+    finally:
+        good.close()
+        evil.close()
+        service.close()
+
+
+def test_a_redis_crash_is_ridden_out_by_the_clients_and_nothing_acknowledged_is_lost(redis_factory):
+    """kill -9 of redis-server while the buffer serves an actor and the learner reads: both retry with backoff
+    (OutageRetry) until it is back (restarted on its AOF), then carry on; every acknowledged tree is stored."""
+    from buffer.redis_server import OutageRetry
+
+    server = redis_factory()
+    retry = OutageRetry(within_s=30)
+    cfg = make_config(server.url)
+    client = server.client(retry=retry)
+    service = ThreadService(cfg, client)
+    actor = BufferClient(cfg.buffer.ingest_address, "actor-0", cfg.buffer)
+    try:
+        for i in range(3):
+            actor.send(pieces_of(tree(i), 1)[0])
+        actor.flush(10)
+        time.sleep(1.2)  # appendfsync everysec
+        server.kill()
+        for i in range(3, 6):  # sent while Redis is down: the service retries and acknowledges once it is back
+            actor.send(pieces_of(tree(i), 1)[0])
+        learner_retry = OutageRetry(within_s=30)
+        read: list = []
+
+        def learner() -> None:  # reads while Redis is down: waits the outage out as well
+            source = BatchSource(TreeStore(server.client(retry=learner_retry), "run"), "learner-0")
+            read.append((source, source.next_batch(6, learner_version=0, timeout_s=20)))
+
+        reader = threading.Thread(target=learner)
+        reader.start()
+        time.sleep(2.0)
+        # restarted here, not in a helper thread: PDEATHSIG follows the thread that started the server
+        redis_factory(data_dir=server.data_dir, port=server.port)
+        actor.flush(20)
+        reader.join(30)
+        (source, batch), = read
+        assert service.thread.is_alive() and retry.failures > 0 and learner_retry.failures > 0
+        assert sorted(t.tree_id for t in batch.trees) == [f"t{i}" for i in range(6)]
+        assert source.commit(batch) == 6
+    finally:
+        actor.close()
+        service.close()

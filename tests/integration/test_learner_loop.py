@@ -106,3 +106,67 @@ def test_a_batch_is_filled_with_trees_that_carry_signal(redis_server, tiny_model
         assert [u["step"] for u in updates] == [1, 2]  # one optimizer update per step, numbered by DeepSpeed
     finally:
         loop.close()
+
+
+class Crash(Exception):
+    pass
+
+
+def _store_trees(store, run_id: str, trees) -> None:
+    for t in trees:
+        t.run_id = run_id
+        msg = SubtreeMsg(key=f"{t.tree_id}/0", actor_id="a", seq=0, tree=t, final=True, n_pieces=1)
+        assert store.store_whole(t.tree_id, encode(msg), min_version(t)) == b"stored"
+
+
+def test_a_learner_killed_after_its_checkpoint_trains_every_tree_once_and_never_reuses_a_version(
+        redis_server, tiny_model_dir, tmp_path, monkeypatch):
+    """Steps 1-2 are checkpointed, step 3 is trained and logged, then the learner dies before its next checkpoint.
+    The resumed learner acknowledges nothing twice, trains step 3's tree again (its update was lost), publishes
+    its weights past every version already out, drops a tree grown by the lost weights (v3) and trains one grown
+    by the checkpoint's (v2): in the final lineage every tree is trained exactly once."""
+    import numpy as np
+
+    from learner.trained_log import final_lineage
+
+    def cfg(max_steps: int) -> PipelineConfig:
+        return PipelineConfig.model_validate({
+            "run": {"run_id": "crash", "output_dir": str(tmp_path)},
+            "buffer": {"redis_url": redis_server.url, "max_staleness": 8},
+            "weights": {"address": "tcp://127.0.0.1:*"},
+            "learner": {"prompts_per_step": 1, "max_steps": max_steps, "checkpoint_every": 2,
+                        "micro_batch_tokens": 64, "warmup_steps": 0},
+        })
+
+    store = TreeStore.from_config(redis_server.client(), cfg(3))
+    _store_trees(store, "crash", [worked_example_tree(tree_id=f"a{i}") for i in range(6)])
+    first = LearnerLoop(cfg(3), tiny_model_dir, threading.Event())
+
+    def dies_before_the_last_checkpoint():
+        raise Crash
+
+    monkeypatch.setattr(first, "_finish", dies_before_the_last_checkpoint)
+    with pytest.raises(Crash):
+        first.run()
+    first.close()
+    c = store.counters()
+    assert (c["consumed"], c["unconsumed"], store.version_high()) == (3, 3, 3)  # a2 trained, not acknowledged
+
+    lost, fine = worked_example_tree(tree_id="lost"), worked_example_tree(tree_id="fine")
+    lost.versions = np.full(len(lost.versions), 3, np.int32)  # grown by v3: weights no checkpoint holds
+    fine.versions = np.full(len(fine.versions), 2, np.int32)  # grown by v2: the checkpoint's weights
+    _store_trees(store, "crash", [lost, fine])
+    second = LearnerLoop(cfg(7), tiny_model_dir, threading.Event())
+    try:
+        assert (second.learner.step_count, second.learner.policy_version) == (2, 4)  # v3 is never issued again
+        assert second.publisher._latest.version == 4 and store.lineage_gaps() == [(2, 4)]
+        second.run()
+        assert (second.learner.step_count, second.learner.policy_version) == (7, 9)
+    finally:
+        second.close()
+    c = store.counters()
+    assert (c["consumed"], c["unconsumed"], c["lost_weights"]) == (7, 0, 1)
+    assert store.r.scard(store.key("trained")) == 0 and store.r.xlen(store.key("stream")) == 0
+    lineage = final_lineage(tmp_path / "metrics" / "trained_trees.jsonl")
+    assert [step for step, _ in lineage] == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(t for _, trees in lineage for t in trees) == sorted(["a0", "a1", "a2", "a3", "a4", "a5", "fine"])

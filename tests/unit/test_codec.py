@@ -27,6 +27,7 @@ from protocol import (
     decode,
     encode,
 )
+from protocol.messages import MESSAGE_TYPES, PromptGrant, PromptLease, PromptRequest
 from tests.factories import example_subtree_msg, example_tree, frame, same, unframe
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -59,23 +60,35 @@ def trees(draw):
                 segments=segments, leaves=leaves, prompt_text=draw(st.text(max_size=40)), answer=draw(st.text(max_size=10)))
 
 
-messages = st.one_of(
-    st.builds(SubtreeMsg, key=names, actor_id=names, seq=st.integers(0, 1000), tree=trees(), final=st.booleans(),
-              n_pieces=st.integers(0, 100)),
-    st.builds(Ack, key=names, ok=st.booleans(), reason=st.text(max_size=20)),
-    st.builds(WeightHeader, run_id=names, version=st.integers(0, 10**6),
-              tensors=st.lists(st.builds(TensorMeta, name=names, dtype=st.sampled_from(["F32", "BF16"]),
-                                         shape=st.lists(st.integers(0, 4096), max_size=3),
-                                         offset=st.integers(0, 2**40), nbytes=st.integers(0, 2**32)), max_size=4),
-              total_bytes=st.integers(0, 2**40), n_chunks=st.integers(0, 1000)),
-    st.builds(WeightChunk, version=st.integers(0, 10**6), index=st.integers(0, 1000), offset=st.integers(0, 2**40),
-              nbytes=st.integers(0, 2**32)),
-    st.builds(Hello, sender=names, role=st.sampled_from(["actor", "learner", "buffer"]), pid=st.integers(0, 2**22),
-              info=st.dictionaries(names, st.text(max_size=8), max_size=3)),
-    st.builds(Heartbeat, sender=names, policy_version=st.integers(-1, 100), unix_time=st.floats(0, 2e9)),
-    st.builds(Shutdown, sender=names, reason=st.text(max_size=20)),
-    st.builds(ErrorMsg, code=names, message=st.text(max_size=30)),
-)
+MESSAGES = {  # one strategy per message type of the schema
+    SubtreeMsg: st.builds(SubtreeMsg, key=names, actor_id=names, seq=st.integers(0, 1000), tree=trees(),
+                          final=st.booleans(), n_pieces=st.integers(0, 100)),
+    Ack: st.builds(Ack, key=names, ok=st.booleans(), reason=st.text(max_size=20)),
+    WeightHeader: st.builds(WeightHeader, run_id=names, version=st.integers(0, 10**6),
+                            tensors=st.lists(st.builds(TensorMeta, name=names, dtype=st.sampled_from(["F32", "BF16"]),
+                                                       shape=st.lists(st.integers(0, 4096), max_size=3),
+                                                       offset=st.integers(0, 2**40), nbytes=st.integers(0, 2**32)),
+                                             max_size=4),
+                            total_bytes=st.integers(0, 2**40), n_chunks=st.integers(0, 1000)),
+    WeightChunk: st.builds(WeightChunk, version=st.integers(0, 10**6), index=st.integers(0, 1000),
+                           offset=st.integers(0, 2**40), nbytes=st.integers(0, 2**32)),
+    Hello: st.builds(Hello, sender=names, role=st.sampled_from(["actor", "learner", "buffer"]), pid=st.integers(0, 2**22),
+                     info=st.dictionaries(names, st.text(max_size=8), max_size=3)),
+    Heartbeat: st.builds(Heartbeat, sender=names, policy_version=st.integers(-1, 100), unix_time=st.floats(0, 2e9)),
+    Shutdown: st.builds(Shutdown, sender=names, reason=st.text(max_size=20)),
+    ErrorMsg: st.builds(ErrorMsg, code=names, message=st.text(max_size=30)),
+    PromptRequest: st.builds(PromptRequest, actor_id=names, n=st.integers(0, 64), policy_version=st.integers(-1, 100)),
+    PromptGrant: st.builds(PromptGrant, leases=st.lists(st.builds(PromptLease, tree_id=names, prompt_id=names,
+                                                                  prompt=st.text(max_size=20), answer=st.text(max_size=5),
+                                                                  lease_seconds=st.floats(0, 600)), max_size=3),
+                           learner_version=st.integers(-1, 100), reason=st.text(max_size=10),
+                           retry_after_s=st.floats(0, 10)),
+}
+messages = st.one_of(*MESSAGES.values())
+
+
+def test_the_strategies_cover_every_message_type():
+    assert set(MESSAGES) == set(MESSAGE_TYPES.values())
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,6 +159,73 @@ def test_truncated_and_bitflipped_messages_raise_only_protocol_error(data):
         decode(bytes(flipped))
     except ProtocolError:
         pass
+
+
+def _array_ref(dtype_code: int, offset: int, nbytes: int) -> msgpack.ExtType:
+    return msgpack.ExtType(1, struct.pack("<BQQ", dtype_code, offset, nbytes))
+
+
+# what a field may be replaced with: any msgpack value, arrays (references into the message's arena, in and out
+# of bounds, of every dtype code and past them) and one-element containers such as [2]
+values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=6),
+              st.binary(max_size=6),
+              st.builds(_array_ref, st.integers(0, 13), st.integers(0, 80), st.integers(0, 80))),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6)
+keys = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=6),
+                 st.binary(max_size=6), st.builds(_array_ref, st.integers(0, 13), st.integers(0, 80), st.integers(0, 80)))
+
+
+def _positions(obj, path=()):
+    """Every position in a decoded envelope (the envelope itself, each list item, each map value and key)."""
+    yield path
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _positions(v, (*path, i))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield (*path, ("<key>", k))
+            yield from _positions(v, (*path, k))
+
+
+def _replace(obj, path, value):
+    if not path:
+        return value
+    head, *rest = path
+    if isinstance(head, tuple):  # a map key
+        return {(value if k == head[1] else k): v for k, v in obj.items()}
+    out = list(obj) if isinstance(obj, list) else dict(obj)
+    out[head] = _replace(obj[head], rest, value)
+    return out
+
+
+@settings(max_examples=3000, deadline=None)
+@given(messages, st.data())
+def test_structure_aware_mutations_raise_only_protocol_error(msg, data):
+    """Any field of any message type (the envelope's version and type included) replaced by any value: the
+    decoder returns a message or raises ProtocolError, never anything else."""
+    env, arena = unframe(encode(msg))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(list(_positions(env))))
+        is_key = bool(path) and isinstance(path[-1], tuple)
+        env = _replace(env, path, data.draw(keys if is_key else values))
+    wire = frame(env, arena)
+    try:
+        decode(wire)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("version", [[_array_ref(5, 0, 4), 0], [[2], 0], [2.0, 0], [True, 0], [2, [0]], [2, None]])
+def test_a_version_that_is_not_two_integers_is_refused(version):
+    """An array reference as the major version once raised ValueError (the truth value of an array) and ended
+    the buffer; [2] passed the check."""
+    wire = frame([*version, "ack", {"key": "k"}], arena=bytes(8))
+    assert len(wire) <= 72
+    with pytest.raises(ProtocolError) as e:
+        decode(wire)
+    assert e.value.reason == "version"
 
 
 def _envelope(body, name="ack", major=SCHEMA_VERSION[0]):

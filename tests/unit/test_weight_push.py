@@ -296,6 +296,35 @@ def test_a_malformed_message_is_refused_and_the_publisher_goes_on(publisher):
     bad.close()
 
 
+def test_a_frame_that_once_killed_the_publisher_thread_is_refused(publisher, monkeypatch):
+    """A frame whose major version is an array reference ended the publisher's thread (the next
+    `publish` raised WeightPublisherError); and a handler that raises drops that peer, not the thread."""
+    import struct
+
+    import msgpack
+
+    from tests.factories import frame
+
+    pub = publisher()
+    bad = RawActor(pub.address)
+    bad.sock.send(frame([msgpack.ExtType(1, struct.pack("<BQQ", 5, 0, 4)), 0, "ack", {"key": "k"}], bytes(8)))
+    reply = bad.recv()
+    assert isinstance(reply, ErrorMsg) and reply.code == "version"
+    monkeypatch.setattr(pub, "_on_ack", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    bad.send(Hello(sender="bad", role="actor", policy_version=-1))
+    wait_until(lambda: pub.peers() == {"bad": -1})
+    bad.send(Ack(key="0/0"))
+    reply = bad.recv()
+    assert isinstance(reply, ErrorMsg) and reply.code == "unhandled" and pub.peers() == {}
+    monkeypatch.undo()
+    with ZmqWeightSubscriber(WeightsConfig(address=pub.address), "good") as sub:
+        pub.publish(1, small_model())
+        pub.wait_delivered(1, timeout_s=5)
+        assert sub.poll_latest()[0] == 1
+    assert pub.failure_count == 2
+    bad.close()
+
+
 def test_a_multipart_message_from_an_actor_is_refused_and_the_publisher_goes_on(publisher):
     pub = publisher()
     bad = RawActor(pub.address)

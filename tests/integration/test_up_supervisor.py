@@ -1,0 +1,59 @@
+"""`treepo up`'s supervisor restarts dead roles with backoff and a budget, and its run directory modes."""
+
+import sys
+import time
+
+import pytest
+
+from launcher.up import Child, Supervisor, prepare_output
+from protocol.config.pipeline import PipelineConfig
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_dead_role_is_restarted_with_backoff_until_its_budget_runs_out(tmp_path):
+    cfg = PipelineConfig.model_validate({"run": {"max_restarts": 2, "restart_window_s": 60, "restart_backoff_s": 0.2}})
+    env = {"PATH": "/usr/bin:/bin"}
+    children = {"actor-0": Child("actor-0", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path, env),
+                "learner": Child("learner", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, env)}
+    supervisor = Supervisor(cfg, children)
+    said, starts = [], []
+    deadline = time.monotonic() + 10
+    while supervisor.failed is None:
+        assert time.monotonic() < deadline
+        said += supervisor.check()
+        if children["actor-0"].proc.pid not in starts:
+            starts.append(children["actor-0"].proc.pid)
+        time.sleep(0.02)
+    assert supervisor.failed == "actor-0" and supervisor.restarts() == 2 and len(starts) == 3
+    gaps = [b - a for a, b in zip(children["actor-0"].restarts, children["actor-0"].restarts[1:], strict=False)]
+    assert gaps[0] >= 0.4  # the second restart waits 0.2 * 2^1 s
+    assert any("restarting in" in line for line in said) and "giving up" in said[-1]
+    assert children["learner"].alive()  # a live role is left alone
+    assert (tmp_path / "actor-0.log").read_text().count("=== treepo up: restart") == 2
+    for child in children.values():
+        child.stop(timeout_s=5)
+
+
+def test_a_learner_that_finished_is_not_restarted(tmp_path):
+    cfg = PipelineConfig.model_validate({"run": {"restart_backoff_s": 0.1}})
+    done = Child("learner", [sys.executable, "-c", "pass"], tmp_path, {"PATH": "/usr/bin:/bin"})
+    done.proc.wait()
+    supervisor = Supervisor(cfg, {"learner": done})
+    time.sleep(0.3)
+    assert supervisor.check() == [] and supervisor.check() == [] and supervisor.restarts() == 0
+
+
+def test_run_directory_modes(tmp_path):
+    out = tmp_path / "run"
+    assert prepare_output(out, resume=False, fresh=False, force=False) == f"fresh run in {out}"
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        prepare_output(out, resume=True, fresh=False, force=False)
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step30")
+    assert "resuming the run" in prepare_output(out, resume=False, fresh=False, force=False)
+    assert "step30" in prepare_output(out, resume=True, fresh=False, force=False)
+    with pytest.raises(SystemExit, match="--force"):
+        prepare_output(out, resume=False, fresh=True, force=False)
+    assert out.exists()
+    assert "deleted" in prepare_output(out, resume=False, fresh=True, force=True) and not out.exists()
