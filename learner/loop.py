@@ -9,9 +9,9 @@ One iteration (policy version v -> v+1):
      to `fill_max_draws` x prompts_per_step in all); with N ranks it hands the same trees to every
      rank, encoded with the protocol codec;
   2. `Learner.step(trees)` (advantages, loss, the optimizer updates; each rank trains its share);
-  3. rank 0 marks the batch trained (`BatchSource.trained`: consumed, out of the admission count) and
-     sets aside the uniform trees drawn (`BatchSource.set_aside`, counter `uniform_skips`); the trained
-     trees stay pending in the stream until a checkpoint holds their update;
+  3. rank 0 marks the batch trained (`BatchSource.trained`: consumed, out of the admission count); the
+     trained trees stay pending in the stream until a checkpoint holds their update (the uniform trees
+     drawn were set aside at once, `BatchSource.set_aside`, counter `uniform_skips`);
   4. every `push_every` steps the weights are published as version v+1 (newest-only per actor);
   5. every `checkpoint_every` steps, and at the end, a checkpoint that lists the trees trained since
      the previous one, which are acknowledged once it is saved; at the end also an export of the
@@ -187,10 +187,16 @@ class LearnerLoop:
             drawn = len(batch.trees) + len(uniform.trees)
             got = self.source.next_batch(min(need - len(batch.trees), limit - drawn), self.learner.policy_version,
                                          timeout_s=0.5)
+            aside = Batch()
             for tree, entry in zip(got.trees, got.entries, strict=True):
-                into = uniform if cfg.filter_uniform_prompts and is_uniform(tree) else batch
+                into = aside if cfg.filter_uniform_prompts and is_uniform(tree) else batch
                 into.trees.append(tree)
                 into.entries.append(entry)
+            # acknowledged at once: trained by no lineage, and until then they would count against the admission
+            # window, which could leave the actors no permit to grow the trees this batch still waits for
+            self.source.set_aside(aside)
+            uniform.trees += aside.trees
+            uniform.entries += aside.entries
         return batch, uniform
 
     def _stop_requested(self) -> bool:
@@ -226,7 +232,6 @@ class LearnerLoop:
             if self.rank == 0:
                 self.source.trained(batch, lrn.policy_version)
                 self.unsaved += batch.entries
-                self.source.set_aside(uniform)
                 self.trained_log.batch(lrn.step_count, lrn.policy_version, stepped, [t.tree_id for t in trees])
             if stepped and lrn.step_count % cfg.push_every == 0:
                 self._publish()
