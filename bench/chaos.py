@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buffer.redis_server import EmbeddedRedis  # noqa: E402
 from buffer.store import TreeStore  # noqa: E402
-from learner.trained_log import final_lineage  # noqa: E402
 from launcher.up import read_jsonl  # noqa: E402
+from learner.trained_log import final_lineage  # noqa: E402
 from protocol.config.pipeline import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,9 +227,20 @@ def fuzz_decoder(n: int = 100_000, seed: int = 0) -> int:
 
     from protocol.codec import decode, encode
     from protocol.errors import ProtocolError
+    from protocol.messages import (
+        Ack,
+        ErrorMsg,
+        Heartbeat,
+        Hello,
+        PromptGrant,
+        PromptLease,
+        PromptRequest,
+        Shutdown,
+        TensorMeta,
+        WeightChunk,
+        WeightHeader,
+    )
     from tests.factories import example_subtree_msg, frame, unframe
-    from protocol.messages import (Ack, ErrorMsg, Heartbeat, Hello, PromptGrant, PromptLease, PromptRequest,
-                                   Shutdown, TensorMeta, WeightChunk, WeightHeader)
 
     rng = random.Random(seed)
     seeds = [encode(m) for m in (
