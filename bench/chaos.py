@@ -1,7 +1,8 @@
 """Chaos as a measurement: a `treepo up` run with faults injected on a schedule, then an audit of what it trained.
 
 The run: configs/cpu-tiny.yaml with 2 actors, `--steps` learner steps (checkpoint every 4), short leases and
-grant timeouts so that outages show within the run. Faults, each once the learner has reached the step
+grant timeouts so that outages show within the run, and no prompt filter (the tiny task is solved in about
+30 steps; batches without signal would end the run early). Faults, each once the learner has reached the step
 given in `FAULTS` (so each lands on a working run):
 
   1. kill -9 of actor-0                       (`treepo up` restarts it)
@@ -21,8 +22,9 @@ The audit reads Redis (the run's store, on its AOF) and the learner's logs:
                              steps after a resumed checkpoint replaced by the resumed ones)
   trees_never_trained        stored trees neither trained in that lineage, nor still waiting in the stream, nor
                              counted as dropped on purpose (stale, uniform, grown by lost weights)
-  version_reuses             policy versions published a second time (each step's and each resume's version must
-                             exceed every version before it)
+  version_reuses             policy versions published a second time for other weights (each step's version must
+                             exceed every version before it; a resume may publish the last version again only when
+                             its checkpoint holds exactly those weights)
   negative_staleness_trained batches trained with a tree newer than the weights training it
   decoder_crashes            of 100,000 mutated frames of every message type, decodes that raised anything but
                              ProtocolError
@@ -69,7 +71,9 @@ def chaos_config(out: Path, steps: int) -> Path:
     data = yaml.safe_load((ROOT / "configs" / "cpu-tiny.yaml").read_text())
     data["run"].update(run_id="chaos", output_dir=str(out / "run"), actors=2, restart_backoff_s=1.0)
     data["buffer"].update(lease_seconds=20, grant_timeout_s=10, redis_retry_s=120)
-    data["learner"].update(max_steps=steps, checkpoint_every=4)
+    # every batch trains (no prompt filter): the tiny task is solved within ~30 steps, and a run of batches without
+    # signal would end it early (learner.stop_after_skipped); the faults need a run that keeps stepping
+    data["learner"].update(max_steps=steps, checkpoint_every=4, filter_uniform_prompts=False)
     path = out / "chaos.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -205,7 +209,11 @@ def audit(config: Path) -> dict[str, int]:
     reuses, high = 0, -1
     for line in (out / "metrics" / "trained_trees.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "resumed_at_step" in row or row["stepped"]:
+        if "resumed_at_step" in row:  # the same version again only for the same weights: a checkpoint of the last one
+            v = row["policy_version"]
+            reuses += v < high or (v == high and row["checkpoint_version"] != v)
+            high = max(high, v)
+        elif row["stepped"]:
             reuses += row["policy_version"] <= high
             high = max(high, row["policy_version"])
     rows = read_jsonl(out / "metrics" / "learner.jsonl")

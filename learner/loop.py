@@ -37,13 +37,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from buffer.client import Batch, BatchSource
-from buffer.redis_server import connect
+from buffer.redis_server import OUTAGE_ERRORS, connect
 from buffer.store import TreeStore
 from learner.advantage.filter import is_uniform
 from learner.engine import Learner
@@ -59,7 +61,6 @@ from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
 
 log = logging.getLogger("treepo.learner")
-SHUTDOWN_REDIS_WAIT_S = 10.0  # how long a stopping learner waits for Redis to take its last acknowledgements
 
 
 def tree_metrics(trees: list[Tree], learner_version: int) -> dict[str, float]:
@@ -117,7 +118,7 @@ class LearnerLoop:
         self.source = self.publisher = self.sink = self.redis = None
         version = self.learner.policy_version
         if self.rank == 0:
-            self.redis = connect(cfg)
+            self.redis = connect(cfg, stop=stop)
             store = TreeStore.from_config(self.redis.client, cfg)
             if resumed:
                 version = self._resume_store(store, saved)
@@ -129,7 +130,7 @@ class LearnerLoop:
             # which trees each step trained (the lineage record `bench/chaos.py` audits)
             self.trained_log = TrainedLog(self.out / "metrics" / "trained_trees.jsonl")
             if resumed:
-                self.trained_log.resumed(self.learner.step_count, version)
+                self.trained_log.resumed(self.learner.step_count, version, self.learner.policy_version)
             self.uniform_skips = 0
         self.learner.policy_version = self._from_rank0(version)
         if self.rank == 0:
@@ -144,13 +145,14 @@ class LearnerLoop:
         reopened = store.reopen_trained()
         high = store.version_high()
         version = lrn.policy_version
+        lost = ""
         if high > version:
             store.add_lineage_gap(version, high + 1)
             version = high + 1
-        log.info("resumed at step %d from the checkpoint of policy version %d, published as version %d "
-                 "(versions %d..%d came from lost weights; their trees are dropped); %d trees acknowledged with "
-                 "the checkpoint, %d trained after it come again", lrn.step_count, lrn.policy_version, version,
-                 lrn.policy_version + 1, high, held, reopened)
+            lost = f" (versions {lrn.policy_version + 1}..{high} came from lost weights; their trees are dropped)"
+        log.info("resumed at step %d from the checkpoint of policy version %d, published as version %d%s; %d trees "
+                 "acknowledged with the checkpoint, %d trained after it come again", lrn.step_count,
+                 lrn.policy_version, version, lost, held, reopened)
         return version
 
     def _from_rank0(self, value: int) -> int:
@@ -164,9 +166,9 @@ class LearnerLoop:
 
     def _publish(self) -> None:
         with self.learner.full_weights() as weights:  # collective under ZeRO-3
-            if self.publisher is not None:  # snapshots them before returning
-                self.publisher.publish(self.learner.policy_version, weights)
+            if self.publisher is not None:  # recorded first: a version out without the record could be reused
                 self.source.store.note_published(self.learner.policy_version)
+                self.publisher.publish(self.learner.policy_version, weights)  # snapshots them before returning
 
     def _checkpoint(self) -> None:
         """Save (collective), then acknowledge the trees whose updates the checkpoint now holds: a crash before
@@ -217,7 +219,10 @@ class LearnerLoop:
                             cfg.max_steps, skipped)
                 break
             t0 = time.perf_counter()
-            batch, uniform = self._next_batch() if self.rank == 0 else (None, None)
+            batch, uniform = (Batch(), Batch()) if self.rank == 0 else (None, None)
+            if self.rank == 0:
+                with self._outage_while_stopping():
+                    batch, uniform = self._next_batch()
             if self._stop_requested():
                 break
             waited = time.perf_counter() - t0
@@ -230,8 +235,9 @@ class LearnerLoop:
             stepped = lrn.step_count > stepped_from
             skipped = 0 if stepped else skipped + 1
             if self.rank == 0:
-                self.source.trained(batch, lrn.policy_version)
-                self.unsaved += batch.entries
+                self.unsaved += batch.entries  # first: the final checkpoint must list them even if Redis is gone
+                with self._outage_while_stopping():
+                    self.source.trained(batch, lrn.policy_version)
                 self.trained_log.batch(lrn.step_count, lrn.policy_version, stepped, [t.tree_id for t in trees])
             if stepped and lrn.step_count % cfg.push_every == 0:
                 self._publish()
@@ -257,11 +263,21 @@ class LearnerLoop:
         self.learner.save_checkpoint(self.ckpt_dir, {"acks": self.unsaved})
         self.learner.export(self.out / "export")
         if self.rank == 0:
-            if self.stop.is_set():  # shutting down: Redis may be stopping at the same moment (a killed `treepo up`
-                # stops every role at once); the checkpoint lists these acknowledgements, so do not wait long
-                self.redis.client.get_retry().within_s = SHUTDOWN_REDIS_WAIT_S
-            self.source.acknowledge(self.unsaved)
+            with self._outage_while_stopping():  # the checkpoint lists them: a resumed learner acknowledges them
+                self.source.acknowledge(self.unsaved)
             self.unsaved = []
+
+    @contextmanager
+    def _outage_while_stopping(self) -> Iterator[None]:
+        """Rank 0's Redis calls: a stopping learner may find Redis stopped with it (a killed `treepo up` stops
+        every role at once; the retry then gives up within seconds, `OutageRetry`). It goes on to its final
+        checkpoint, which lists what these calls would have recorded; any other failure is raised."""
+        try:
+            yield
+        except OUTAGE_ERRORS as e:
+            if not self.stop.is_set():
+                raise
+            log.warning("stopping with Redis unreachable (%s): the final checkpoint holds what was not recorded", e)
 
     def close(self) -> None:
         if self.publisher is not None:
