@@ -22,9 +22,9 @@ The audit reads Redis (the run's store, on its AOF) and the learner's logs:
                              steps after a resumed checkpoint replaced by the resumed ones)
   trees_never_trained        stored trees neither trained in that lineage, nor still waiting in the stream, nor
                              counted as dropped on purpose (stale, uniform, grown by lost weights)
-  version_reuses             policy versions published a second time for other weights (each step's version must
-                             exceed every version before it; a resume may publish the last version again only when
-                             its checkpoint holds exactly those weights)
+  version_reuses             policy versions published a second time for other weights (each version a step
+                             publishes must exceed every one published before it; a resume may publish the last
+                             version again only when its checkpoint holds exactly those weights)
   negative_staleness_trained batches trained with a tree newer than the weights training it
   decoder_crashes            of 100,000 mutated frames of every message type, decodes that raised anything but
                              ProtocolError
@@ -213,7 +213,7 @@ def audit(config: Path) -> dict[str, int]:
             v = row["policy_version"]
             reuses += v < high or (v == high and row["checkpoint_version"] != v)
             high = max(high, v)
-        elif row["stepped"]:
+        elif row["published"]:
             reuses += row["policy_version"] <= high
             high = max(high, row["policy_version"])
     rows = read_jsonl(out / "metrics" / "learner.jsonl")

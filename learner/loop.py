@@ -164,18 +164,26 @@ class LearnerLoop:
         dist.broadcast(t, 0)
         return int(t.item())
 
-    def _publish(self) -> None:
+    def _publish(self) -> bool:
+        """Publish the current weights as the current version (collective); rank 0: whether they went out."""
         with self.learner.full_weights() as weights:  # collective under ZeRO-3
-            if self.publisher is not None:  # recorded first: a version out without the record could be reused
+            if self.publisher is None:
+                return False
+            recorded = False
+            with self._outage_while_stopping():  # recorded first: a version out without the record could be reused
                 self.source.store.note_published(self.learner.policy_version)
+                recorded = True
+            if recorded:
                 self.publisher.publish(self.learner.policy_version, weights)  # snapshots them before returning
+            return recorded
 
     def _checkpoint(self) -> None:
         """Save (collective), then acknowledge the trees whose updates the checkpoint now holds: a crash before
         the acknowledgement finds them in the checkpoint, one before the save finds them pending."""
         self.learner.save_checkpoint(self.ckpt_dir, {"acks": self.unsaved})
         if self.rank == 0:
-            self.source.acknowledge(self.unsaved)
+            with self._outage_while_stopping():
+                self.source.acknowledge(self.unsaved)
             self.unsaved = []
 
     def _next_batch(self) -> tuple[Batch, Batch]:
@@ -238,9 +246,10 @@ class LearnerLoop:
                 self.unsaved += batch.entries  # first: the final checkpoint must list them even if Redis is gone
                 with self._outage_while_stopping():
                     self.source.trained(batch, lrn.policy_version)
-                self.trained_log.batch(lrn.step_count, lrn.policy_version, stepped, [t.tree_id for t in trees])
-            if stepped and lrn.step_count % cfg.push_every == 0:
-                self._publish()
+            published = stepped and lrn.step_count % cfg.push_every == 0 and self._publish()
+            if self.rank == 0:  # before the checkpoint: a checkpointed step is always in the log
+                self.trained_log.batch(lrn.step_count, lrn.policy_version, stepped, published,
+                                       [t.tree_id for t in trees])
             if stepped and lrn.step_count % cfg.checkpoint_every == 0:
                 self._checkpoint()
             if self.sink is not None:

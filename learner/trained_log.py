@@ -1,6 +1,7 @@
 """`metrics/trained_trees.jsonl`: which trees each learner step trained, and where the learner resumed.
 
-One line per batch: {"step", "policy_version", "stepped", "trees": [tree ids]}; on a resume from a
+One line per batch: {"step", "policy_version", "stepped", "published" (that version went out to the
+actors), "trees": [tree ids]}; on a resume from a
 checkpoint: {"resumed_at_step", "policy_version" (what its weights are published as), "checkpoint_version"
 (the version they had: the same when no later version was ever published)}. The steps after that checkpoint which the crashed
 learner had logged are gone from the model's lineage; `final_lineage` replays the file the same way.
@@ -17,9 +18,9 @@ class TrainedLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", buffering=1)
 
-    def batch(self, step: int, policy_version: int, stepped: bool, tree_ids: list[str]) -> None:
+    def batch(self, step: int, policy_version: int, stepped: bool, published: bool, tree_ids: list[str]) -> None:
         self.file.write(json.dumps({"step": step, "policy_version": policy_version, "stepped": stepped,
-                                    "trees": tree_ids}) + "\n")
+                                    "published": published, "trees": tree_ids}) + "\n")
 
     def resumed(self, step: int, policy_version: int, checkpoint_version: int) -> None:
         self.file.write(json.dumps({"resumed_at_step": step, "policy_version": policy_version,
