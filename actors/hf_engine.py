@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult
+from actors.engine import Engine, EngineCounters, SamplingParams, SegmentRequest, SegmentResult
 from protocol.config.engine import EngineConfig
 from protocol.sampling import sampling_logits
+
+PLAIN = SamplingParams()
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [1, heads, len, dim]
 
@@ -89,7 +91,7 @@ class HfEngine(Engine):
         x = logits.float()
         for b, r in enumerate(rows):
             s = r.request.sampling
-            if s.temperature > 0:
+            if s.temperature > 0 and s != PLAIN:  # per token: plain sampling needs no copy of the row
                 x[b] = sampling_logits(x[b], s.temperature, s.top_k, s.top_p)
         logp = torch.log_softmax(x, -1)
         cdf = logp.exp().cumsum(-1)
