@@ -42,8 +42,9 @@ OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 
 class OutageRetry(Retry):
     """redis-py's retry policy, bounded by time instead of attempts, logged and counted (`failures`). Once
-    `stop` (the role's stop event) is set the bound is `stopping_within_s`: a role that is shutting down (Redis
-    may be stopping with it) does not hang on an outage."""
+    `stop` (the role's stop event) is set the bound is `stopping_within_s`, and after one command has given up
+    that way the next ones give up at their first failure: a role that is shutting down (Redis may be stopping
+    with it) waits for Redis once, not once per call."""
 
     LOG_EVERY_S = 10.0
 
@@ -52,6 +53,7 @@ class OutageRetry(Retry):
         super().__init__(ExponentialBackoff(cap=backoff_cap_s, base=0.05), retries=-1, supported_errors=OUTAGE_ERRORS)
         self.within_s, self.stop, self.stopping_within_s = within_s, stop, stopping_within_s
         self.failures = 0  # failed attempts, all outages together
+        self.gave_up_stopping = False
 
     def __deepcopy__(self, memo: dict) -> OutageRetry:
         """One policy for all of a client's connections (redis-py deep-copies it into each): one failure count,
@@ -73,8 +75,10 @@ class OutageRetry(Retry):
                 fail(error, attempt) if with_failure_count else fail(error)
                 now = time.monotonic()
                 start = start or now
-                limit = self.stopping_within_s if self.stop is not None and self.stop.is_set() else self.within_s
+                stopping = self.stop is not None and self.stop.is_set()
+                limit = (0.0 if self.gave_up_stopping else self.stopping_within_s) if stopping else self.within_s
                 if now - start >= limit:
+                    self.gave_up_stopping = stopping
                     log.error("Redis unreachable for %.0f s (%s): giving up: %s", now - start,
                               "stopping" if limit < self.within_s else "buffer.redis_retry_s", error)
                     raise
