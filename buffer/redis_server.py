@@ -57,7 +57,7 @@ class OutageRetry(Retry):
 
     def __deepcopy__(self, memo: dict) -> OutageRetry:
         """One policy for all of a client's connections (redis-py deep-copies it into each): one failure count,
-        and a changed `within_s` (a stopping learner shortens it) applies to every connection."""
+        and one give-up while stopping holds for every connection."""
         return self
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count: bool = False):

@@ -444,6 +444,8 @@ class TreeStore:
     def ack(self, entries: list[tuple[str, str]], kind: str = "consumed", learner_version: int | None = None) -> int:
         """Acknowledge stream entries [(entry id, tree id)], apply retention; returns how many were new. An entry
         `consume` counted already is not counted again."""
+        if not entries and learner_version is None:  # nothing to do: no round trip (callers ack per read)
+            return 0
         args = [self.p, kind, self.retention, self.retention_keep, self.tombstone_seconds,
                 "" if learner_version is None else learner_version]
         for entry_id, tree_id in entries:

@@ -268,13 +268,9 @@ class LearnerLoop:
         self._finish()
 
     def _finish(self) -> None:
-        """The final checkpoint and export, then the acknowledgements of what the checkpoint holds."""
-        self.learner.save_checkpoint(self.ckpt_dir, {"acks": self.unsaved})
+        """The final checkpoint (and its acknowledgements), then the export."""
+        self._checkpoint()
         self.learner.export(self.out / "export")
-        if self.rank == 0:
-            with self._outage_while_stopping():  # the checkpoint lists them: a resumed learner acknowledges them
-                self.source.acknowledge(self.unsaved)
-            self.unsaved = []
 
     @contextmanager
     def _outage_while_stopping(self) -> Iterator[None]:
