@@ -90,6 +90,8 @@ def broadcast_trees(trees: list[Tree] | None, rank: int, world: int) -> list[Tre
     else:
         count = torch.zeros(1, dtype=torch.int64)
     dist.broadcast(count, 0)
+    if int(count) == 0:  # a batch whose trees were all set aside (uniform): nothing to send
+        return []
     if rank != 0:
         sizes = torch.zeros(int(count), dtype=torch.int64)
     dist.broadcast(sizes, 0)

@@ -50,7 +50,15 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
     resumed.load_checkpoint(Path(out) / "ckpt")
     restored = (resumed.step_count, resumed.policy_version)
     again = [resumed.step(b) for b in batches[2:]]
+    # the learner loop's broadcast of rank 0's batch, an empty one included (all its trees set aside)
+    from learner.loop import broadcast_trees
+
+    sent = [batches[0], [], batches[2]]
+    received = [[t.tree_id for t in broadcast_trees(b if rank == 0 else None, rank, 2)] for b in sent]
+    steps = resumed.step_count
+    empty = resumed.step([])
     result = {"before": before, "went_on": went_on, "again": again, "restored": restored,
+              "received": received, "empty_step": [steps, resumed.step_count, empty["skipped"]],
               "fresh": fresh_checksum, "first_final": _checksum(first), "resumed_final": _checksum(resumed)}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     exit_cleanly(0)
@@ -63,6 +71,8 @@ def test_zero2_two_processes_train_and_resume(tiny_model_dir, tmp_path):
                        start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["restored"] == [2, 2]
+    assert r0["received"] == r1["received"] == [["a", "b"], [], ["b", "c"]]
+    assert r0["empty_step"] == r1["empty_step"] == [4, 4, 1.0]  # an empty batch makes no step on any rank
     keys = ("loss", "grad_norm", "lr", "importance_weight", "trained_tokens", "policy_version")
     for went_on, again in zip(r0["went_on"], r0["again"], strict=True):
         for k in keys:
