@@ -17,7 +17,8 @@ Redis layout (standalone Redis; every key of run R starts with `treepo:R:`, writ
                                     checkpoint holds its update (trained), or at once (stale, uniform, lost).
     P by_version            ZSET    tree id, scored by its oldest segment's policy version (replay index).
     P consumed              LIST    ids of consumed trees, oldest first (retention=keep_last).
-    P advantages            HASH    tree id -> msgpack {leaf_ids, values} the learner computed (export).
+    P advantages            HASH    tree id -> msgpack {level, node_ids, values, trained_version}: the advantages
+                                    the learner trained the tree with (`AdvantageRecord`; export, inspect).
     P counters              HASH    unconsumed, trees_stored, pieces_stored, duplicate_pieces,
                                     backpressure, consumed, stale_drops, uniform_skips (acknowledged
                                     untrained: no signal), leases_granted, expired_leases,
@@ -282,6 +283,20 @@ class Prompt:
     answer: str = ""
 
 
+@dataclass(frozen=True)
+class AdvantageRecord:
+    """The advantages one tree was trained with. level "leaf": `values` maps each leaf's node id to the
+    advantage of every token of its path (TreePO, GRPO); level "segment": each trained segment's node id to the
+    advantage of its own tokens (TreeRPO; segments of dropped sibling groups are absent).
+    `trained_version`: the learner's policy version when it trained on the tree (the weights the gradient was
+    taken at; the step made version trained_version + 1)."""
+
+    tree_id: str
+    level: str
+    values: dict[int, float]
+    trained_version: int
+
+
 def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
@@ -290,7 +305,8 @@ class TreeStore:
     """All Redis access of the buffer for one run (see the module docstring for the layout)."""
 
     def __init__(self, client: redis.Redis, run_id: str, *, max_unconsumed: int = 1024, retention: str = "keep_all",
-                 retention_keep: int = 10_000, tombstone_seconds: float = 86_400.0, limits: Limits | None = None):
+                 retention_keep: int = 10_000, tombstone_seconds: float = 86_400.0, limits: Limits | None = None,
+                 read_only: bool = False):
         self.r = client
         self.run_id = run_id
         self.p = f"treepo:{run_id}:"
@@ -310,7 +326,8 @@ class TreeStore:
         self._lease = client.register_script(_LEASE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._expire = client.register_script(_EXPIRE)
-        self.ensure_group()
+        if not read_only:  # a reader (offline training of another run) changes nothing, not even the group
+            self.ensure_group()
 
     @classmethod
     def from_config(cls, client: redis.Redis, cfg) -> TreeStore:
@@ -395,11 +412,21 @@ class TreeStore:
         blob = self.r.get(self.key(f"tree:{tree_id}"))
         return None if blob is None else decode(blob, self.limits).tree
 
+    def blobs(self, tree_ids: list[str]) -> list[bytes | None]:
+        """The stored codec bytes of complete trees (None where a tree is not stored)."""
+        return self.r.mget([self.key(f"tree:{t}") for t in tree_ids]) if tree_ids else []
+
+    def archive(self, trees: list[tuple[str, bytes, int]]) -> None:
+        """Keep complete trees (id, codec bytes, oldest segment version) for replay, export and inspect, outside
+        the learner's stream and counters (offline training copies what it trains into its own store)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for tree_id, blob, version in trees:
+                pipe.set(self.key(f"tree:{tree_id}"), blob)
+                pipe.zadd(self.key("by_version"), {tree_id: version})
+            pipe.execute()
+
     def load_many(self, tree_ids: list[str]) -> list[Tree | None]:
-        if not tree_ids:
-            return []
-        blobs = self.r.mget([self.key(f"tree:{t}") for t in tree_ids])
-        return [None if b is None else decode(b, self.limits).tree for b in blobs]
+        return [None if b is None else decode(b, self.limits).tree for b in self.blobs(tree_ids)]
 
     def tree_ids(self, min_version: float = float("-inf"), max_version: float = float("inf")) -> list[str]:
         """Stored trees whose oldest segment version lies in [min_version, max_version], oldest first."""
@@ -452,17 +479,23 @@ class TreeStore:
             args += [entry_id, tree_id]
         return int(self._ack(args=args))
 
-    def save_advantages(self, tree_id: str, leaf_ids: list[int], values: list[float]) -> None:
-        """Per-leaf advantages the learner computed for a tree (read by `treepo export`)."""
-        self.r.hset(self.key("advantages"), tree_id,
-                    msgpack.packb({"leaf_ids": [int(x) for x in leaf_ids], "values": [float(x) for x in values]}))
+    def save_advantages(self, records: list[AdvantageRecord]) -> None:
+        """The advantages the learner trained a batch's trees with, in one write (read by export and inspect)."""
+        if records:
+            self.r.hset(self.key("advantages"), mapping={
+                rec.tree_id: msgpack.packb({"level": rec.level, "node_ids": [int(n) for n in rec.values],
+                                            "values": [float(v) for v in rec.values.values()],
+                                            "trained_version": int(rec.trained_version)})
+                for rec in records})
 
-    def advantages(self, tree_id: str) -> dict[int, float]:
+    def advantages(self, tree_id: str) -> AdvantageRecord | None:
+        """What the learner saved for `tree_id` (the last training of it), or None."""
         blob = self.r.hget(self.key("advantages"), tree_id)
         if blob is None:
-            return {}
+            return None
         d = msgpack.unpackb(blob)
-        return dict(zip(d["leaf_ids"], d["values"], strict=True))
+        return AdvantageRecord(tree_id, d["level"], dict(zip(d["node_ids"], d["values"], strict=True)),
+                               d["trained_version"])
 
     # ------------------------------------------------------------------------------------ prompts and leases
     def add_prompts(self, prompts: list[Prompt]) -> None:

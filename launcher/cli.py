@@ -19,10 +19,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "actor": ("run one actor: lease prompts, grow trees, stream them to the buffer", "actors.loop"),
     "learner": ("run the learner: train on buffered trees, push weights, checkpoint", "learner.loop"),
     "buffer": ("run the buffer service (ZeroMQ ingest -> Redis tree store)", "buffer.service"),
-    "replay": ("feed stored trees (by run, version range) to a summary or another run's learner stream",
-               "buffer.replay"),
-    "export": ("write stored trees as one row per leaf (JSONL or Parquet)", "buffer.export"),
-    "inspect": ("print a stored tree as an indented view", "buffer.tree_view"),
+    "replay": ("feed stored trees (by run, version range) to a summary, another run's learner stream, or "
+               "(--train) an offline learner", "launcher.replay"),
+    "export": ("write stored trees as one row per leaf (JSONL, Parquet or a HF datasets directory)",
+               "buffer.export"),
+    "inspect": ("print a stored tree as an indented view, or (--html) draw it on a page", "buffer.tree_view"),
     "keys": ("generate a CURVE key pair (Z85) for the security section", "launcher.keys"),
     "config": ("validate a config; --dry-run prints the resolved config", "launcher.cli"),
 }

@@ -166,11 +166,13 @@ class Learner:
         self.step_count = 0
         self.policy_version = 0
         self.updates: list[dict[str, float]] = []
+        self.advantages: list[TreeAdvantages] = []  # what the last step trained with (empty if it made no step)
 
     # ------------------------------------------------------------------ training
     def step(self, trees: list[Tree]) -> dict[str, float]:
         """One training step on the batch (one or more optimizer updates); metrics of the whole batch
-        (identical on every rank). The summaries of its updates are left in `self.updates`."""
+        (identical on every rank). The summaries of its updates are left in `self.updates`, the advantages it
+        trained with in `self.advantages`."""
         start = time.perf_counter()
         batch, metrics = compute_advantages(trees, self.cfg)
         minis = [m for m in (self._lay_out(part) for part in split_mini_batches(batch, self.cfg.mini_batches_per_batch))
@@ -178,6 +180,7 @@ class Learner:
         total = float(sum(t for _, t, _ in minis))
         metrics["sequences"] = float(sum(n for _, _, n in minis))
         self.updates = []
+        self.advantages = batch if total > 0 else []
         if total == 0:  # every group filtered: no step, but the same metric keys as a step (zeros)
             metrics.update(skipped=1.0, step=float(self.step_count), policy_version=float(self.policy_version),
                            micro_batches=0.0, mini_batches=0.0, optimizer_steps=0.0, proximal_pass_s=0.0,

@@ -9,7 +9,8 @@ One iteration (policy version v -> v+1):
      to `fill_max_draws` x prompts_per_step in all); with N ranks it hands the same trees to every
      rank, encoded with the protocol codec;
   2. `Learner.step(trees)` (advantages, loss, the optimizer updates; each rank trains its share);
-  3. rank 0 marks the batch trained (`BatchSource.trained`: consumed, out of the admission count); the
+  3. rank 0 marks the batch trained (`BatchSource.trained`: consumed, out of the admission count) and
+     saves the advantages it trained with (one write per step: `TreeStore.save_advantages`); the
      trained trees stay pending in the stream until a checkpoint holds their update (the uniform trees
      drawn were set aside at once, `BatchSource.set_aside`, counter `uniform_skips`);
   4. every `push_every` steps the weights are published as version v+1 (newest-only per actor);
@@ -46,8 +47,9 @@ import torch
 
 from buffer.client import Batch, BatchSource
 from buffer.redis_server import OUTAGE_ERRORS, connect
-from buffer.store import TreeStore
+from buffer.store import AdvantageRecord, TreeStore
 from learner.advantage.filter import is_uniform
+from learner.advantage.result import TreeAdvantages
 from learner.engine import Learner
 from learner.forward import Sampling
 from learner.metrics_sink import MetricsSink
@@ -75,6 +77,11 @@ def tree_metrics(trees: list[Tree], learner_version: int) -> dict[str, float]:
             "versions_in_batch": float(len(np.unique(np.concatenate([t.versions for t in trees])))),
             "tree_version_min": float(oldest.min()), "tree_version_max": float(newest.max()),
             "tree_tokens": float(sum(t.unique_token_count() for t in trees))}
+
+
+def advantage_records(trained: list[TreeAdvantages], version: int) -> list[AdvantageRecord]:
+    """What a step trained with, as the store keeps it (`version`: the policy version the step started from)."""
+    return [AdvantageRecord(ta.tree.tree_id, ta.level, ta.values, version) for ta in trained]
 
 
 def broadcast_trees(trees: list[Tree] | None, rank: int, world: int) -> list[Tree]:
@@ -239,7 +246,7 @@ class LearnerLoop:
             trees = broadcast_trees(batch.trees if batch else None, self.rank, self.world)
             drawn = batch.trees + uniform.trees if self.rank == 0 else []  # the reward figures cover every tree drawn
             data = tree_metrics(drawn, lrn.policy_version) if self.rank == 0 else {}
-            stepped_from = lrn.step_count
+            stepped_from, stepped_from_version = lrn.step_count, lrn.policy_version
             metrics = lrn.step(trees)
             # a batch without a trained token (every group filtered) makes no step: no new version to push or save
             stepped = lrn.step_count > stepped_from
@@ -248,6 +255,7 @@ class LearnerLoop:
                 self.unsaved += batch.entries  # first: the final checkpoint must list them even if Redis is gone
                 with self._outage_while_stopping():
                     self.source.trained(batch, lrn.policy_version)
+                    self.source.store.save_advantages(advantage_records(lrn.advantages, stepped_from_version))
             published = stepped and lrn.step_count % cfg.push_every == 0 and self._publish()
             if self.rank == 0:  # before the checkpoint: a checkpointed step is always in the log
                 self.trained_log.batch(lrn.step_count, lrn.policy_version, stepped, published,

@@ -46,10 +46,11 @@ def retain_freed_memory(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -
     libc.mallopt(_M_ARENA_MAX, 1)
 
 
-def start_role(args: argparse.Namespace) -> tuple[PipelineConfig, threading.Event]:
+def start_role(args: argparse.Namespace, cfg: PipelineConfig | None = None) -> tuple[PipelineConfig, threading.Event]:
+    """Logging, heap, config (`cfg` when the caller composed it, else the file `--config`), stop event."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     retain_freed_memory()
-    cfg = load_config(args.config)
+    cfg = cfg or load_config(args.config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

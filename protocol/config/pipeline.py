@@ -20,6 +20,7 @@ from protocol.config.engine import EngineConfig, vllm_block_size
 from protocol.config.learner import LearnerConfig
 from protocol.config.model import ModelConfig
 from protocol.config.prompts import PromptsConfig
+from protocol.config.replay import ReplayConfig
 from protocol.config.reward import RewardConfig
 from protocol.config.rollout import RolloutConfig
 from protocol.config.transport import LimitsConfig, SecurityConfig
@@ -61,11 +62,19 @@ class PipelineConfig(Section):
     weights: WeightsConfig = WeightsConfig()
     security: SecurityConfig = SecurityConfig()
     limits: LimitsConfig = LimitsConfig()
+    replay: ReplayConfig = ReplayConfig()
 
     @model_validator(mode="after")
     def _sync_means_no_staleness(self):
         if self.run.schedule == "sync":
             self.buffer.max_staleness = 0
+        return self
+
+    @model_validator(mode="after")
+    def _replay_elsewhere(self):
+        if self.replay.output_dir and Path(self.replay.output_dir).resolve() == Path(self.run.output_dir).resolve():
+            raise ValueError("replay.output_dir is run.output_dir: offline training writes its own directory and "
+                             "never into the run it reads")
         return self
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ import pytest
 from buffer.client import BatchSource
 from buffer.export import export
 from buffer.replay import replay, replay_into
-from buffer.store import STAGED_TTL_S, Prompt, TreeStore
+from buffer.store import STAGED_TTL_S, AdvantageRecord, Prompt, TreeStore
 from protocol.codec import encode
 from protocol.messages import SubtreeMsg
 from protocol.tree import Tree
@@ -188,11 +188,17 @@ def test_export_writes_a_row_per_leaf(redis_client, tmp_path):
     store = TreeStore(redis_client, "run")
     for v in (1, 2):
         store.store_whole(f"t{v}", whole(versioned(v, v)), v)
-    store.save_advantages("t2", [2, 3], [0.5, -0.5])
+    store.save_advantages([AdvantageRecord("t2", "leaf", {2: 0.5, 3: -0.5}, 4),
+                           AdvantageRecord("t1", "segment", {1: 0.25, 2: -0.25, 3: 1.0}, 3)])
+    assert store.advantages("t2") == AdvantageRecord("t2", "leaf", {2: 0.5, 3: -0.5}, 4)
     assert export(store, tmp_path / "out.jsonl", "jsonl") == 8
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["tree_id"], r["leaf_id"]) for r in rows][:5] == [("t1", 2), ("t1", 3), ("t1", 5), ("t1", 6), ("t2", 2)]
-    assert [r["advantage"] for r in rows[4:]] == [0.5, -0.5, None, None]
+    assert [r["advantage"] for r in rows[4:]] == [0.5, -0.5, None, None]  # none saved for leaves 5, 6
+    assert [r["trained_version"] for r in rows] == [3] * 4 + [4] * 4
+    # segment level: one value per segment of the path (paths 1-2, 1-3, 4-5, 4-6), None where untrained
+    assert all(r["advantage"] is None for r in rows[:4])
+    assert [r["segment_advantages"] for r in rows[:4]] == [[0.25, -0.25], [0.25, 1.0], [None, None], [None, None]]
     assert export(store, tmp_path / "out.parquet", "parquet", lambda ids: str(len(ids)), min_version=2) == 4
     table = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [r["path_text"] for r in table] == ["16"] * 4 and table[0]["versions"] == [2, 2]

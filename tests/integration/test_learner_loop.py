@@ -104,6 +104,11 @@ def test_a_batch_is_filled_with_trees_that_carry_signal(redis_server, tiny_model
         assert rows[0]["reward_mean"] == pytest.approx((3 * 1.0 + 2 * 0.0) / 5)
         updates = [json.loads(line) for line in (tmp_path / "metrics" / "learner_update.jsonl").read_text().splitlines()]
         assert [u["step"] for u in updates] == [1, 2]  # one optimizer update per step, numbered by DeepSpeed
+        # the advantages each trained tree was trained with (GRPO-like pairs +1/-1 whitened), none for the uniform
+        saved = {name: store.advantages(name) for name in order}
+        assert {n for n, rec in saved.items() if rec is not None} == {"s0", "s1", "s2", "s3"}
+        assert [saved[n].trained_version for n in ("s0", "s1", "s2", "s3")] == [0, 0, 1, 1]
+        assert all(rec.level == "leaf" and rec.values[1] > 0 > rec.values[2] for rec in saved.values() if rec)
     finally:
         loop.close()
 

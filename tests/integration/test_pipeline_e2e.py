@@ -115,3 +115,27 @@ def test_stored_trees_carry_versions_and_replay(run_dir):
     versions = set(np.concatenate([t.versions for t in seen]).tolist())
     assert len(versions) >= 3, versions
     assert all(len(t.leaf_ids) == cfg.rollout.width for t in seen)  # exactly w leaves per prompt
+
+
+def test_stored_trees_train_offline_and_export_the_advantages(run_dir, tmp_path, capsys):
+    """The online learner saved the advantages it trained each tree with; `treepo replay --train` trains on the
+    run's first versions for 2 epochs into its own directory, and the run's keys stay byte for byte."""
+    from launcher.cli import main
+
+    cfg = load_config(run_dir / "config.yaml")
+    source = run_dir / "e2e.yaml"  # the config `up` was given: the run's embedded Redis, no fixed URL
+    with EmbeddedRedis(run_dir / "redis") as server:  # found running by the commands below
+        client = server.client()
+        before = {k: client.dump(k) for k in sorted(client.scan_iter(f"treepo:{cfg.run.run_id}:*"))}
+        store = TreeStore(client, cfg.run.run_id)
+        saved = [r for r in (store.advantages(t) for t in store.tree_ids()) if r is not None]
+        assert len(saved) >= STEPS * cfg.learner.prompts_per_step // 2 and {r.level for r in saved} == {"leaf"}
+        assert max(r.trained_version for r in saved) >= STEPS - 5
+        assert main(["replay", "--train", "--config", str(source), "--max-version", "2", "--epochs", "2",
+                     "--out", str(tmp_path / "offline")]) == 0
+        assert {k: client.dump(k) for k in sorted(client.scan_iter(f"treepo:{cfg.run.run_id}:*"))} == before
+    printed = capsys.readouterr().out
+    assert "epoch 2/2" in printed and "replay trained" in printed
+    rows = [json.loads(line) for line in (tmp_path / "offline" / "metrics" / "learner.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 1.0 and all(r["tree_version_min"] <= 2 for r in rows)
+    assert (tmp_path / "offline" / "export" / "model.safetensors").exists()
