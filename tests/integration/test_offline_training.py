@@ -123,6 +123,14 @@ def test_replay_train_trains_leaves_saves_advantages_and_leaves_the_source_untou
     loaded = load_dataset(str(tmp_path / "hf"), split="train")  # what other tools do with it
     assert loaded.num_rows == len(exported) and loaded[0] == exported[0]
 
+    # starting weights: this run's checkpoint (weights, optimizer and version 2 go on) or its exported model
+    for init, version in ((out / "checkpoints", 2), (out / "export", 0)):
+        again = tmp_path / f"from-{init.name}"
+        assert main(["replay", "--train", "--config", str(path), "--epochs", "1", "--init", str(init),
+                     "--out", str(again)]) == 0
+        assert TreeStore.from_config(redis_client, load_config(again / "config.yaml")).advantages("a").trained_version \
+            == version
+
 
 def test_replay_goes_on_from_its_checkpoint_and_treerpo_saves_segment_advantages(source, redis_client, tmp_path,
                                                                                    capsys):
@@ -146,11 +154,14 @@ def test_replay_goes_on_from_its_checkpoint_and_treerpo_saves_segment_advantages
     assert "trained at v2 (segment advantages)" in view and f"adv={saved.values[3]:+.3f}" in view
 
 
-def test_a_version_range_without_trees_fails_naming_it(source, capsys):
+def test_a_version_range_without_trees_fails_naming_it(source, redis_client, tmp_path, capsys):
     path, _ = source
     assert main(["replay", "--train", "--config", str(path), "--min-version", "7", "--max-version", "9"]) == 2
     err = capsys.readouterr().err
     assert "no stored tree to train in runs ['src'] with policy versions in [7, 9]" in err
+    # trees more than 1 version from the starting weights (the initial model: version 0) are left out
+    assert main(["replay", "--train", "--config", str(path), "--epochs", "1", "--max-version-distance", "1"]) == 0
+    assert TreeStore(redis_client, "src-replay").tree_ids() == ["a", "b"]
 
 
 def test_inspect_html_draws_every_node(source, tmp_path, capsys):
