@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("write stored trees as one row per leaf (JSONL, Parquet or a HF datasets directory)",
                "buffer.export"),
     "inspect": ("print a stored tree as an indented view, or (--html) draw it on a page", "buffer.tree_view"),
+    "evaluator": ("run the evaluator: held-out accuracy of each pushed policy version (eval.every_versions)",
+                  "actors.evaluator"),
+    "eval": ("evaluate a model on the config's held-out prompts: accuracy, maj@k, pass@k, sampling cost",
+             "actors.evaluate"),
     "keys": ("generate a CURVE key pair (Z85) for the security section", "launcher.keys"),
     "config": ("validate a config; --dry-run prints the resolved config", "launcher.cli"),
 }

@@ -8,7 +8,9 @@ with the model path, the Redis URL and concrete ports filled in: an address with
 gets a free one) and log to `<output_dir>/logs/<role>.log`.
 
 While it runs it shows the learner's progress from `<output_dir>/metrics/*.jsonl` with rich
-(step, reward, trees/s, tokens/s, staleness, policy versions); TensorBoard logs are under
+(step, reward, trees/s, tokens/s, staleness, policy versions, the latest held-out accuracy), or, when
+stdout is not a terminal, as a plain line every 10 s. With `eval.every_versions` it also starts the
+evaluator (`actors/evaluator.py`) and prints held-out accuracy first -> last at the end. TensorBoard logs are under
 `<output_dir>/metrics/tensorboard`, Prometheus /metrics on `run.metrics_port` when set. It ends
 when the learner reaches `learner.max_steps` (checkpoint + export written) or on Ctrl-C / SIGTERM
 (the learner is asked to stop first, so it checkpoints), then stops actors, learner, buffer and
@@ -44,6 +46,7 @@ from protocol.config import dump_config, load_config
 from protocol.config.pipeline import PipelineConfig
 
 console = Console()
+PLAIN_PROGRESS_S = 10.0  # seconds between plain progress lines when stdout is not a terminal
 
 
 class Child:
@@ -126,7 +129,10 @@ def reward_by_step(rows: list[dict]) -> list[tuple[float, float]]:
     return [(step, total / max(trees, 1e-9)) for step, (total, trees) in sorted(by_step.items())]
 
 
-def plot_rewards(curve: list[tuple[float, float]], path: Path) -> None:
+def plot_rewards(curve: list[tuple[float, float]], path: Path, held_out: list[tuple[float, float]] = (),
+                 held_out_label: str = "") -> None:
+    """The training reward per step, and (right axis) held-out accuracy per evaluated policy version (the learner
+    publishes version k after step k, so the two share the x axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +145,16 @@ def plot_rewards(curve: list[tuple[float, float]], path: Path) -> None:
     ax.set_xlabel("learner step")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    if held_out:
+        right = ax.twinx()
+        right.plot([v for v, _ in held_out], [a for _, a in held_out], marker="o", color="tab:orange",
+                   label=held_out_label)
+        right.set_ylabel("held-out accuracy")
+        right.set_ylim(0, 1)
+        more = right.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -172,6 +187,9 @@ def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
         learner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(cfg.run.learner_ranks), "-m", "launcher.cli", *learner[3:]]
     children["learner"] = Child("learner", learner, log_dir, env, cpus.get("learner"))
+    if cfg.eval.every_versions:
+        children["evaluator"] = Child("evaluator", py + ["evaluator", "--config", str(config_path)], log_dir, env,
+                                      cpus.get("actor"))
     return children
 
 
@@ -237,7 +255,9 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("steps", total=cfg.learner.max_steps, info="starting (model, engines, DeepSpeed)")
         learner_rows, actor_tails = JsonlTail(metrics_dir / "learner.jsonl"), {}
+        eval_rows, held_out = JsonlTail(metrics_dir / "eval.jsonl"), ""
         first = last = None
+        plain_at = 0.0
         trees = gen_tokens = prompt_tokens = cached_tokens = 0.0
         while not (learner.proc.poll() == 0 or supervisor.failed):
             try:
@@ -258,6 +278,8 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
                     gen_tokens += r["generated_tokens"]
                     prompt_tokens += r["prompt_tokens"]
                     cached_tokens += r["cached_tokens"]
+            for row in eval_rows.new_rows():
+                held_out = f"  eval {row[f'all/mean@{cfg.eval.k}']:.3f} (v{int(row['step'])})"
             for line in supervisor.check():
                 console.print(line)
             if last is not None:
@@ -266,9 +288,13 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
                         f"gen tok/s {gen_tokens / elapsed:.0f}  cache hits {100 * cached_tokens / max(1.0, prompt_tokens):.0f}%  "
                         f"train tok/s {last['row_tokens_per_s']:.0f}  "
                         f"staleness {last['staleness_mean']:.1f}  versions {int(last['tree_version_min'])}.."
-                        f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%"
+                        f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%{held_out}"
                         + (f"  restarts {supervisor.restarts()}" if supervisor.restarts() else ""))
                 progress.update(task, completed=int(last["step"]), info=info)
+                if not console.is_terminal and time.monotonic() - plain_at >= PLAIN_PROGRESS_S:
+                    # no terminal (CI, nohup, a cluster's log file): the bar does not draw, a plain line does
+                    print(f"step {int(last['step'])}/{cfg.learner.max_steps}  {info}", flush=True)
+                    plain_at = time.monotonic()
     return supervisor.failed is None
 
 
@@ -330,8 +356,10 @@ def launched(cfg: PipelineConfig, cpus: dict[str, list[int]] | None = None) -> I
             yield Launch(resolved, children, metrics_dir)
         finally:  # actors first (nothing new to train), the learner (final checkpoint, acknowledgements), the
             # buffer; Redis last, when the context above exits
-            for name in [n for n in children if n.startswith("actor-")] + ["learner", "buffer"]:
-                children[name].stop(timeout_s=60)
+            # the evaluator after the learner: it evaluates the final weights it holds before it leaves
+            for name in [n for n in children if n.startswith("actor-")] + ["learner", "evaluator", "buffer"]:
+                if name in children:
+                    children[name].stop(timeout_s=300 if name == "evaluator" else 60)
 
 
 def _interrupt(*_: object) -> None:
@@ -348,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
     with launched(cfg) as launch:
         ok = watch(launch.cfg, launch.children, launch.metrics_dir)
     rows = read_jsonl(launch.metrics_dir / "learner.jsonl")
+    evals, key = read_jsonl(launch.metrics_dir / "eval.jsonl"), f"all/mean@{cfg.eval.k}"
     if not ok:
         learner = launch.children["learner"]
         console.print(f"[red]the run failed; last lines of {learner.log_path}:\n{learner.tail(40)}")
@@ -358,8 +387,14 @@ def run(args: argparse.Namespace) -> int:
         if cfg.learner.stop_after_skipped and trailing >= cfg.learner.stop_after_skipped:
             console.print(f"[yellow]the learner ended at step {int(rows[-1]['step'])} of {cfg.learner.max_steps}: "
                           f"its last {cfg.learner.stop_after_skipped} batches had no group with unequal rewards")
-        plot_rewards(curve, out / "reward.png")
+        plot_rewards(curve, out / "reward.png", [(e["step"], e[key]) for e in evals],
+                     f"held-out mean@{cfg.eval.k} by policy version")
         console.print(f"reward curve ({len(curve)} steps, {len(rows)} batches) -> {out / 'reward.png'}")
         print_curve(curve)
+    if evals:
+        console.print(f"held-out accuracy (mean@{cfg.eval.k}, {int(evals[-1]['all/prompts'])} prompts): "
+                      f"{evals[0][key]:.3f} (version {int(evals[0]['step'])}) -> {evals[-1][key]:.3f} "
+                      f"(version {int(evals[-1]['step'])}); maj@{cfg.eval.k} {evals[0][f'all/maj@{cfg.eval.k}']:.3f}"
+                      f" -> {evals[-1][f'all/maj@{cfg.eval.k}']:.3f}")
     console.print(f"checkpoint {out / 'checkpoints'}, weights {out / 'export'}, trees in Redis (run {cfg.run.run_id!r})")
     return 0

@@ -117,6 +117,7 @@ def broadcast_trees(trees: list[Tree] | None, rank: int, world: int) -> list[Tre
 class LearnerLoop:
     def __init__(self, cfg: PipelineConfig, model_dir: Path, stop: threading.Event):
         self.cfg, self.stop = cfg, stop
+        self.started = time.monotonic()
         self.out = Path(cfg.run.output_dir)
         self.learner = Learner(cfg.learner, model_dir, seed=cfg.run.seed, sampling=Sampling.from_rollout(cfg.rollout))
         self.rank, self.world = self.learner.rank, self.learner.world
@@ -202,7 +203,7 @@ class LearnerLoop:
         need = cfg.prompts_per_step
         limit = need * (cfg.fill_max_draws if cfg.filter_uniform_prompts else 1)
         batch, uniform = Batch(), Batch()
-        while len(batch.trees) < need and len(batch.trees) + len(uniform.trees) < limit and not self.stop.is_set():
+        while len(batch.trees) < need and len(batch.trees) + len(uniform.trees) < limit and not self._stopping():
             drawn = len(batch.trees) + len(uniform.trees)
             got = self.source.next_batch(min(need - len(batch.trees), limit - drawn), self.learner.policy_version,
                                          timeout_s=0.5)
@@ -218,8 +219,18 @@ class LearnerLoop:
             uniform.entries += aside.entries
         return batch, uniform
 
+    def _stopping(self) -> bool:
+        """A stop signal came, or `learner.max_minutes` is spent (which then stops the run as SIGTERM does)."""
+        limit = self.cfg.learner.max_minutes
+        if limit and not self.stop.is_set() and time.monotonic() - self.started > 60 * limit:
+            log.warning("learner.max_minutes=%g reached at step %d: checkpoint, export and stop", limit,
+                        self.learner.step_count)
+            self.stop.set()
+        return self.stop.is_set()
+
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1 if self.stop.is_set() else 0])
+        """Whether to stop now (rank 0 decides, every rank follows)."""
+        flag = torch.tensor([1 if self._stopping() else 0])
         if self.world > 1:
             import torch.distributed as dist
 

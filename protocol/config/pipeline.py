@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from protocol.config.base import Section
 from protocol.config.buffer import BufferConfig
 from protocol.config.engine import EngineConfig, vllm_block_size
+from protocol.config.evaluation import EvalConfig
 from protocol.config.learner import LearnerConfig
 from protocol.config.model import ModelConfig
 from protocol.config.prompts import PromptsConfig
@@ -63,6 +64,7 @@ class PipelineConfig(Section):
     security: SecurityConfig = SecurityConfig()
     limits: LimitsConfig = LimitsConfig()
     replay: ReplayConfig = ReplayConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _sync_means_no_staleness(self):

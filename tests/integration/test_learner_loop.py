@@ -72,6 +72,27 @@ def test_a_run_without_signal_ends_early_with_a_checkpoint(redis_server, tiny_mo
         loop.close()
 
 
+def test_a_run_ends_on_time_with_a_checkpoint_and_export(redis_server, tiny_model_dir, tmp_path):
+    cfg = PipelineConfig.model_validate({
+        "run": {"run_id": "timed", "output_dir": str(tmp_path)},
+        "buffer": {"redis_url": redis_server.url, "max_staleness": 8},
+        "weights": {"address": "tcp://127.0.0.1:*"},
+        "learner": {"prompts_per_step": 1, "max_steps": 50, "max_minutes": 1e-6, "micro_batch_tokens": 64},
+    })
+    store = TreeStore.from_config(redis_server.client(), cfg)
+    t = worked_example_tree(tree_id="w")
+    t.run_id = "timed"
+    store.store_whole("w", encode(SubtreeMsg(key="w/0", actor_id="a", seq=0, tree=t, final=True)), min_version(t))
+    stop = threading.Event()
+    loop = LearnerLoop(cfg, tiny_model_dir, stop)
+    try:
+        loop.run()  # the time is up before the first batch: no step, and the run ends as on SIGTERM
+        assert stop.is_set() and loop.learner.step_count == 0
+        assert (tmp_path / "checkpoints" / "latest").exists() and any((tmp_path / "export").iterdir())
+    finally:
+        loop.close()
+
+
 def test_a_batch_is_filled_with_trees_that_carry_signal(redis_server, tiny_model_dir, tmp_path):
     """DAPO dynamic sampling: 2 trees with signal per step; uniform trees drawn on the way are acknowledged,
     counted and kept in the store, not trained; the reward figures cover every tree drawn."""

@@ -1,0 +1,134 @@
+"""Held-out evaluation: k samples per held-out prompt with an inference engine, scored by the run's reward,
+summarised by `actors.eval_metrics`. `treepo eval` runs it once on a model directory or checkpoint export;
+`actors.evaluator` runs it during training on the weights the learner pushes.
+
+The held-out prompts are the `eval.prompts` section (own seed and size), minus any whose text is also a
+training prompt (counted as `overlap_dropped`). Sampling: `eval.sampling: sequential` grows k independent
+samples per prompt (`rollout.mode: independent`); `tree` grows a TreePO tree with k leaves and the rollout
+section's segment length, depth, branching and fallback. Both at `eval.temperature` / `eval.top_p`, in
+pools of `rollout.prompts_per_step` prompts. Besides accuracy, a run reports the engine's work for it
+(prompt tokens, tokens served from the prefix cache, generated and processed tokens) and its wall
+time, so that tree and sequential test-time sampling compare on one model and prompt set (ALGORITHMS.md §1.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from actors.boxed import last_boxed
+from actors.engine import Engine
+from actors.eval_metrics import PromptSamples, summarise
+from actors.prompts import load_prompts, raw_rows
+from actors.reward import RewardScorer
+from actors.samplers import make_sampler
+from protocol.config import PipelineConfig
+from protocol.config.rollout import RolloutConfig
+from protocol.tree import Tree
+
+
+def eval_rollout(cfg: PipelineConfig) -> RolloutConfig:
+    """The rollout settings of evaluation sampling (see the module docstring)."""
+    e = cfg.eval
+    return cfg.rollout.model_copy(update={"mode": "independent" if e.sampling == "sequential" else "treepo",
+                                          "width": e.k, "temperature": e.temperature, "top_p": e.top_p})
+
+
+def held_out(cfg: PipelineConfig, tokenizer) -> tuple[list, int]:
+    """The eval prompts whose text no training prompt has, and how many were left out for overlap."""
+    training = {r["prompt"] for r in raw_rows(cfg.prompts)}
+    items = load_prompts(cfg.eval.prompts, tokenizer)
+    kept = [item for item in items if item.text not in training]
+    return kept, len(items) - len(kept)
+
+
+def leaf_samples(tree: Tree, dataset: str, decode) -> PromptSamples:
+    """What the metrics need from one evaluated tree's leaves."""
+    correct, answers, lengths = [], [], []
+    for j, leaf in enumerate(tree.leaf_ids.tolist()):
+        ids = tree.path_tokens(leaf)
+        acc = tree.reward_details.get("acc")
+        correct.append(bool(acc[j] == 1.0) if acc is not None else bool(tree.rewards[j] >= 1.0))
+        boxed = last_boxed(decode(ids.tolist()))
+        answers.append(None if boxed is None else boxed.strip())
+        lengths.append(len(ids))
+    return PromptSamples(dataset, correct, answers, lengths, [float(r) for r in tree.rewards])
+
+
+class Evaluation:
+    """One engine, the held-out prompts and a sampler; `run()` evaluates the engine's current weights."""
+
+    def __init__(self, cfg: PipelineConfig, engine: Engine):
+        self.cfg, self.engine = cfg, engine
+        self.items, self.overlap_dropped = held_out(cfg, engine.tokenizer)
+        if not self.items:
+            raise ValueError("eval.prompts: no held-out prompt left (every one is also a training prompt)")
+        rollout = eval_rollout(cfg)
+        self.scorer = RewardScorer(cfg.reward, max_tokens=rollout.segment_tokens * rollout.max_depth)
+        self.sampler = make_sampler(engine, rollout, self.scorer, run_id=f"{cfg.run.run_id}-eval", seed=cfg.run.seed,
+                                    tree_prefix="eval")
+        source = cfg.eval.prompts
+        self.datasets = {item.prompt_id: (item.entry.get("metadata", {}).get("source_dataset", "reasoning_gym")
+                                          if source.source == "reasoning_gym" else Path(source.path).stem)
+                         for item in self.items}
+
+    def run(self) -> dict[str, float]:
+        """Metrics of the engine's current weights (flat keys; see `eval_metrics.summarise`), with the policy
+        version, the engine's work and the wall time."""
+        before = self.engine.counters.as_dict()
+        start = time.perf_counter()
+        pool = self.cfg.rollout.prompts_per_step
+        trees = [t for i in range(0, len(self.items), pool) for t in self.sampler.sample(self.items[i:i + pool])]
+        wall = time.perf_counter() - start
+        work = {k: float(v - before[k]) for k, v in self.engine.counters.as_dict().items()}
+        samples = [leaf_samples(t, self.datasets[t.prompt_id], self.engine.decode) for t in trees]
+        return {"policy_version": float(self.engine.policy_version), **summarise(samples, self.cfg.eval.k),
+                **{f"engine/{k}": v for k, v in work.items()}, "wall_s": wall,
+                "overlap_dropped": float(self.overlap_dropped)}
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file: its eval section (prompts, k, temperature), reward, "
+                   "engine and rollout (tree settings)")
+    p.add_argument("--model", help="HF model directory to evaluate (default: <run.output_dir>/export)")
+    p.add_argument("--sampling", choices=["sequential", "tree"], help="eval.sampling")
+    p.add_argument("-k", type=int, help="samples per prompt (eval.k)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from actors.loop import make_engine
+    from protocol.role_process import start_role
+
+    cfg, _ = start_role(args)
+    update = {k: v for k, v in (("sampling", args.sampling), ("k", args.k)) if v is not None}
+    if update:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
+    model = Path(args.model or Path(cfg.run.output_dir) / "export")
+    if not (model / "config.json").exists():
+        print(f"treepo eval: {model} is not a Hugging Face model directory (a run's `export`, or --model DIR)")
+        return 2
+    engine = make_engine(cfg, model)
+    evaluation = Evaluation(cfg, engine)
+    try:
+        metrics = evaluation.run()
+    finally:
+        evaluation.close()
+        engine.close()
+    k = cfg.eval.k
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{model} on {metrics['all/prompts']:.0f} held-out prompts, {k} {cfg.eval.sampling} samples each: "
+              f"mean@{k} {metrics[f'all/mean@{k}']:.3f}  maj@{k} {metrics[f'all/maj@{k}']:.3f}  "
+              f"pass@{k} {metrics[f'all/pass@{k}']:.3f}  reward {metrics['all/reward']:+.3f}  "
+              f"response {metrics['all/response_tokens']:.1f} tokens")
+        print(f"sampling: {metrics['wall_s']:.1f} s, engine processed {metrics['engine/processed_tokens']:.0f} tokens "
+              f"(prompt {metrics['engine/prompt_tokens']:.0f}, of which cached {metrics['engine/cached_tokens']:.0f}; "
+              f"generated {metrics['engine/generated_tokens']:.0f}) in {metrics['engine/calls']:.0f} calls")
+    return 0

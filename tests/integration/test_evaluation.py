@@ -1,0 +1,55 @@
+"""Held-out evaluation on the tiny model: `treepo eval` with sequential and tree sampling reports accuracy,
+maj@k, pass@k and the engine's work; eval prompts that are also training prompts are left out."""
+
+import json
+
+import pytest
+import yaml
+
+from actors.evaluate import held_out
+from actors.prompts import raw_rows
+from launcher.cli import main
+from protocol.config.pipeline import load_config
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path, tiny_model_dir, **eval_prompts) -> str:
+    prompts = {"source": "reasoning_gym", "datasets": ["basic_arithmetic"], "system_prompt": "", "max_prompt_tokens": 64}
+    cfg = {"run": {"output_dir": str(tmp_path / "run")}, "model": {"source": "path", "path": str(tiny_model_dir)},
+           "engine": {"kind": "transformers", "max_model_len": 512},
+           "rollout": {"segment_tokens": 8, "max_depth": 3, "width": 4, "prompts_per_step": 4,
+                       "fallback_candidates": "random_all"},
+           "reward": {"kind": "callable", "function": "actors.toy_tasks:lowercase_fraction"},
+           "prompts": {**prompts, "size": 20, "seed": 0},
+           "eval": {"prompts": {**prompts, **eval_prompts}, "k": 4}}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "tree"])
+def test_treepo_eval_reports_accuracy_and_sampling_cost(tiny_model_dir, tmp_path, capsys, sampling):
+    path = _config(tmp_path, tiny_model_dir, size=6, seed=1_000_000)
+    assert main(["eval", "--config", path, "--model", str(tiny_model_dir), "--sampling", sampling, "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["all/prompts"] == m["basic_arithmetic/prompts"] == 6.0 and m["overlap_dropped"] == 0.0
+    assert m["policy_version"] == 0.0 and 0.0 <= m["all/mean@4"] <= m["all/pass@4"] <= 1.0
+    assert 0.0 < m["all/response_tokens"] <= 24 and m["wall_s"] > 0
+    # every sample's tokens were generated, and the engine's work is counted
+    assert m["engine/generated_tokens"] >= 6 * 4 * m["all/response_tokens"] * (0.99 if sampling == "sequential" else 0.5)
+    assert m["engine/processed_tokens"] == (m["engine/prompt_tokens"] - m["engine/cached_tokens"]
+                                            + m["engine/generated_tokens"])
+    assert main(["eval", "--config", path, "--model", str(tiny_model_dir), "--sampling", sampling, "-k", "2"]) == 0
+    assert f"2 {sampling} samples each: mean@2" in capsys.readouterr().out
+
+
+def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # reasoning-gym's item i of seed s is item s + i of seed 0: seed 15 repeats training items 15..19
+    cfg = load_config(_config(tmp_path, tiny_model_dir, size=8, seed=15))
+    kept, dropped = held_out(cfg, tokenizer)
+    assert (len(kept), dropped) == (3, 5)
+    assert not {r["prompt"] for r in raw_rows(cfg.prompts)} & {item.text for item in kept}
