@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from actors.eval_metrics import PromptSamples, summarise
 from actors.prompts import load_prompts, raw_rows
 from actors.reward import RewardScorer
 from actors.samplers import make_sampler
-from protocol.config import PipelineConfig
+from protocol.config import ConfigError, PipelineConfig
 from protocol.config.rollout import RolloutConfig
 from protocol.tree import Tree
 
@@ -64,7 +65,7 @@ class Evaluation:
         self.cfg, self.engine = cfg, engine
         self.items, self.overlap_dropped = held_out(cfg, engine.tokenizer)
         if not self.items:
-            raise ValueError("eval.prompts: no held-out prompt left (every one is also a training prompt)")
+            raise ConfigError("eval.prompts: no held-out prompt left (every one is also a training prompt)")
         rollout = eval_rollout(cfg)
         self.scorer = RewardScorer(cfg.reward, max_tokens=rollout.segment_tokens * rollout.max_depth)
         self.sampler = make_sampler(engine, rollout, self.scorer, run_id=f"{cfg.run.run_id}-eval", seed=cfg.run.seed,
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
     model = Path(args.model or Path(cfg.run.output_dir) / "export")
     if not (model / "config.json").exists():
-        print(f"treepo eval: {model} is not a Hugging Face model directory (a run's `export`, or --model DIR)")
+        print(f"treepo eval: {model} is not a Hugging Face model directory (a run's `export`, or --model DIR)",
+              file=sys.stderr)
         return 2
     engine = make_engine(cfg, model)
     evaluation = Evaluation(cfg, engine)

@@ -183,9 +183,12 @@ class OfflineLoop:
         total_steps = batches * cfg.replay.epochs
         start = time.perf_counter()
         done_before = self.position["epoch"] * batches + self.position["batch"]
+        order: tuple[int, list[str]] = (-1, [])  # (epoch, its order of the trees)
         while self.position["epoch"] < cfg.replay.epochs and not self.stop.is_set():
             epoch, b = self.position["epoch"], self.position["batch"]
-            ids = epoch_order(self.tree_ids, cfg.replay.order, cfg.run.seed, epoch)[b * per_step:(b + 1) * per_step]
+            if order[0] != epoch:
+                order = (epoch, epoch_order(self.tree_ids, cfg.replay.order, cfg.run.seed, epoch))
+            ids = order[1][b * per_step:(b + 1) * per_step]
             trees = [t for t in self.store.load_many(ids) if t is not None]
             t0 = time.perf_counter()
             version = lrn.policy_version

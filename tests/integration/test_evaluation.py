@@ -44,7 +44,7 @@ def test_treepo_eval_reports_accuracy_and_sampling_cost(tiny_model_dir, tmp_path
     assert f"2 {sampling} samples each: mean@2" in capsys.readouterr().out
 
 
-def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp_path):
+def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -53,3 +53,7 @@ def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp
     kept, dropped = held_out(cfg, tokenizer)
     assert (len(kept), dropped) == (3, 5)
     assert not {r["prompt"] for r in raw_rows(cfg.prompts)} & {item.text for item in kept}
+    # nothing held out at all: a clear error naming the section, exit 2
+    assert main(["eval", "--config", _config(tmp_path, tiny_model_dir, size=5, seed=2), "--model",
+                 str(tiny_model_dir)]) == 2
+    assert "eval.prompts: no held-out prompt left" in capsys.readouterr().err
