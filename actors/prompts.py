@@ -37,7 +37,8 @@ def raw_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
 
         rows = []
         for name in cfg.datasets:
-            for i, entry in enumerate(reasoning_gym.create_dataset(name, size=cfg.size, seed=cfg.seed)):
+            args = cfg.dataset_args.get(name, {})
+            for i, entry in enumerate(reasoning_gym.create_dataset(name, size=cfg.size, seed=cfg.seed, **args)):
                 rows.append({"id": f"{name}-{cfg.seed}-{i}", "prompt": entry["question"],
                              "answer": str(entry["answer"]), "entry": entry})
         return rows

@@ -74,6 +74,7 @@ def chaos_config(out: Path, steps: int) -> Path:
     # every batch trains (no prompt filter): the tiny task is solved within ~30 steps, and a run of batches without
     # signal would end it early (learner.stop_after_skipped); the faults need a run that keeps stepping
     data["learner"].update(max_steps=steps, checkpoint_every=4, filter_uniform_prompts=False)
+    data["eval"]["every_versions"] = 0  # the faults target the training roles; no evaluator process
     path = out / "chaos.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

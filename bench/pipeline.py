@@ -145,6 +145,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     base = load_config(args.config)
     data = base.model_dump()
+    data["eval"]["every_versions"] = 0  # generation and training side by side, without an evaluator's share
     for section, fields in parse_sets(args.set).items():
         data[section].update(fields)
     base = PipelineConfig.model_validate(data)

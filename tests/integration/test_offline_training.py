@@ -21,6 +21,7 @@ from protocol.codec import encode
 from protocol.config.pipeline import load_config
 from protocol.messages import SubtreeMsg
 from tests.fixtures.learner import tree_from_edges, with_policy_logprobs, worked_example_tree
+from tests.fixtures.redis import key_snapshot
 
 pytestmark = pytest.mark.integration
 SOURCE = "src"
@@ -36,10 +37,6 @@ def _trees(model) -> list:
         tree.versions[:] = v
         with_policy_logprobs(tree, model)
     return trees
-
-
-def _snapshot(client, run_id: str) -> dict[bytes, bytes]:
-    return {k: client.dump(k) for k in sorted(client.scan_iter(f"treepo:{run_id}:*"))}
 
 
 def _leaf_segment_logprob(model, tree, leaf: int) -> float:
@@ -76,11 +73,11 @@ def test_replay_train_trains_leaves_saves_advantages_and_leaves_the_source_untou
     from transformers import AutoModelForCausalLM
 
     path, trees = source
-    before = _snapshot(redis_client, SOURCE)
+    before = key_snapshot(redis_client, SOURCE)
     assert main(["replay", "--train", "--config", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "replay step 2/2 epoch 2/2" in printed and "replay trained 8 trees" in printed
-    assert _snapshot(redis_client, SOURCE) == before  # read only, byte for byte
+    assert key_snapshot(redis_client, SOURCE) == before  # read only, byte for byte
     out = tmp_path / "offline"
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trained = AutoModelForCausalLM.from_pretrained(out / "export", dtype=torch.float32)

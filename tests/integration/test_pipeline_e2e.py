@@ -28,6 +28,7 @@ from buffer.redis_server import EmbeddedRedis
 from buffer.replay import replay
 from buffer.store import TreeStore
 from protocol.config import load_config
+from tests.fixtures.redis import key_snapshot
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def test_stored_trees_train_offline_and_export_the_advantages(run_dir, tmp_path,
     source = run_dir / "e2e.yaml"  # the config `up` was given: the run's embedded Redis, no fixed URL
     with EmbeddedRedis(run_dir / "redis") as server:  # found running by the commands below
         client = server.client()
-        before = {k: client.dump(k) for k in sorted(client.scan_iter(f"treepo:{cfg.run.run_id}:*"))}
+        before = key_snapshot(client, cfg.run.run_id)
         store = TreeStore(client, cfg.run.run_id)
         saved = [r for r in (store.advantages(t) for t in store.tree_ids()) if r is not None]
         steps = int(json.loads((run_dir / "metrics" / "learner.jsonl").read_text().splitlines()[-1])["step"])
@@ -154,7 +155,7 @@ def test_stored_trees_train_offline_and_export_the_advantages(run_dir, tmp_path,
         assert max(r.trained_version for r in saved) == steps - 1  # the last step started from version steps - 1
         assert main(["replay", "--train", "--config", str(source), "--max-version", "2", "--epochs", "2",
                      "--out", str(tmp_path / "offline")]) == 0
-        assert {k: client.dump(k) for k in sorted(client.scan_iter(f"treepo:{cfg.run.run_id}:*"))} == before
+        assert key_snapshot(client, cfg.run.run_id) == before
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "replay trained" in printed
     rows = [json.loads(line) for line in (tmp_path / "offline" / "metrics" / "learner.jsonl").read_text().splitlines()]
