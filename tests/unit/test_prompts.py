@@ -45,3 +45,14 @@ def test_reasoning_gym_sources(tok):
     again = load_prompts(cfg, tok)
     assert [p.text for p in got] == [p.text for p in again]  # seeded
     assert all(p.text in tok.decode(p.token_ids.tolist()) and p.answer for p in got)
+
+
+def test_reasoning_gym_generator_arguments(tok):
+    easy = {"basic_arithmetic": {"min_terms": 2, "max_terms": 2, "max_digits": 1, "operators": ["+"],
+                                 "allow_parentheses": False, "allow_negation": False}}
+    got = load_prompts(PromptsConfig(datasets=["basic_arithmetic"], dataset_args=easy, size=20, seed=3), tok)
+    for p in got:  # "Calculate a + b." with one-digit operands (reasoning-gym draws them from 0..10)
+        a, b = p.entry["metadata"]["expression"].split(" + ")
+        assert 0 <= int(a) <= 10 and 0 <= int(b) <= 10 and int(p.answer) == int(a) + int(b)
+    with pytest.raises(ValueError, match="dataset_args names generators not in datasets: \\['chain_sum'\\]"):
+        PromptsConfig(datasets=["basic_arithmetic"], dataset_args={"chain_sum": {}})
