@@ -1,5 +1,5 @@
 # treepo image for compose.yaml: the project with vLLM (CUDA) and DeepSpeed; the same image runs the buffer,
-# the actors and the learner (`treepo buffer|actor|learner --config ...`). GPUs come from the NVIDIA
+# the actors and the learner (entry point `treepo`: compose passes `buffer|actor|learner --config ...`). GPUs come from the NVIDIA
 # container toolkit at run time; torch 2.13.0 from PyPI is the CUDA build.
 FROM python:3.11-slim
 
@@ -20,7 +20,10 @@ COPY actors ./actors
 COPY learner ./learner
 COPY buffer ./buffer
 COPY launcher ./launcher
+COPY models ./models
+COPY telemetry ./telemetry
 RUN pip install -c constraints.txt ".[gpu]"
 
 COPY configs ./configs
-CMD ["treepo", "--help"]
+ENTRYPOINT ["treepo"]
+CMD ["--help"]

@@ -17,9 +17,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from actors.boxed import last_boxed
 from actors.engine import Engine
 from actors.eval_metrics import PromptSamples, summarise
 from actors.prompts import load_prompts, raw_rows
@@ -45,15 +45,16 @@ def held_out(cfg: PipelineConfig, tokenizer) -> tuple[list, int]:
     return kept, len(items) - len(kept)
 
 
-def leaf_samples(tree: Tree, dataset: str, decode) -> PromptSamples:
-    """What the metrics need from one evaluated tree's leaves."""
+def leaf_samples(tree: Tree, dataset: str, decode, extract: Callable[[str], str | None]) -> PromptSamples:
+    """What the metrics need from one evaluated tree's leaves; `extract` gives a leaf's answer (the one the
+    reward grades) for majority voting."""
     correct, answers, lengths = [], [], []
     for j, leaf in enumerate(tree.leaf_ids.tolist()):
         ids = tree.path_tokens(leaf)
         acc = tree.reward_details.get("acc")
         correct.append(bool(acc[j] == 1.0) if acc is not None else bool(tree.rewards[j] >= 1.0))
-        boxed = last_boxed(decode(ids.tolist()))
-        answers.append(None if boxed is None else boxed.strip())
+        answer = extract(decode(ids.tolist()))
+        answers.append(None if answer is None else answer.strip())
         lengths.append(len(ids))
     return PromptSamples(dataset, correct, answers, lengths, [float(r) for r in tree.rewards])
 
@@ -84,7 +85,8 @@ class Evaluation:
         trees = [t for i in range(0, len(self.items), pool) for t in self.sampler.sample(self.items[i:i + pool])]
         wall = time.perf_counter() - start
         work = {k: float(v - before[k]) for k, v in self.engine.counters.as_dict().items()}
-        samples = [leaf_samples(t, self.datasets[t.prompt_id], self.engine.decode) for t in trees]
+        samples = [leaf_samples(t, self.datasets[t.prompt_id], self.engine.decode,
+                                self.scorer.answer) for t in trees]
         return {"policy_version": float(self.engine.policy_version), **summarise(samples, self.cfg.eval.k),
                 **{f"engine/{k}": v for k, v in work.items()}, "wall_s": wall,
                 "overlap_dropped": float(self.overlap_dropped)}

@@ -24,10 +24,10 @@ from pathlib import Path
 from actors.evaluate import Evaluation
 from actors.loop import make_engine
 from actors.weight_receiver import ZmqWeightSubscriber
-from learner.metrics_sink import MetricsSink
 from models import materialise_model
 from protocol.config import PipelineConfig
 from protocol.role_process import add_config_argument, start_role
+from telemetry.sink import MetricsSink
 
 log = logging.getLogger("treepo.evaluator")
 
@@ -39,7 +39,8 @@ class EvaluatorLoop:
         self.evaluation = Evaluation(cfg, self.engine)
         self.weights = ZmqWeightSubscriber(cfg.weights, "evaluator", cfg.security)
         port = cfg.run.metrics_port + 1 if cfg.run.metrics_port else 0
-        self.sink = MetricsSink(Path(cfg.run.output_dir) / "metrics", "eval", prometheus_port=port)
+        self.sink = MetricsSink(Path(cfg.run.output_dir) / "metrics", "eval", prometheus_port=port,
+                                prometheus_host=cfg.run.metrics_host, wandb=cfg.run.wandb, run_id=cfg.run.run_id)
         self.evaluated = -1
 
     def _evaluate(self) -> None:

@@ -30,12 +30,12 @@ from actors.reward import RewardScorer
 from actors.samplers import make_sampler
 from actors.weight_receiver import ZmqWeightSubscriber
 from buffer.client import BufferClient
-from learner.metrics_sink import MetricsSink
 from models import materialise_model
 from protocol.config import PipelineConfig, config_warnings
 from protocol.messages import PromptGrant, PromptLease
 from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
+from telemetry.sink import MetricsSink
 
 log = logging.getLogger("treepo.actor")
 

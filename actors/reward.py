@@ -4,7 +4,8 @@
   (`verify(parse(gold), parse(answer))`); `correct` if equivalent, else `incorrect` (also when no
   boxed answer, or on a timeout).
 - reasoning_gym: the prompt's own reasoning-gym scorer on the last \\boxed{} content (or, without
-  one, the last line); correct only when the score is 1.0 (it gives partial credit to wrong answers).
+  one, the last line, or with `fallback: last_number` the last number in the text); correct only when the
+  score is 1.0 (it gives partial credit to wrong answers).
 - callable: any importable 'module:function' f(completion_text, answer) -> float; its value is the
   score as is.
 Optional DAPO overlong shaping: + factor * min(0, -(L - (L_max - buffer)) / buffer), L = response
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import re
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -94,6 +96,18 @@ class BoundedWorker:
             self._proc = None
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def unboxed_answer(text: str, fallback: str) -> str:
+    """The answer of a completion without \\boxed{}: its last line, or its last number ("" if none)."""
+    if fallback == "last_number":
+        numbers = NUMBER.findall(text.replace(",", ""))
+        return numbers[-1] if numbers else ""
+    lines = text.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
 def overlong_penalty(n_tokens: int, max_tokens: int, buffer: int, factor: float) -> float:
     if buffer <= 0:
         return 0.0
@@ -109,15 +123,23 @@ class RewardScorer:
                    "callable": [cfg.function.partition(":")[0]]}[cfg.kind]
         self.worker = BoundedWorker(["actors.reward", *preload])
 
+    def answer(self, text: str) -> str | None:
+        """The answer this scorer grades in `text` (what majority votes count); None if it finds none, or
+        for a callable reward (which reads the whole text)."""
+        if self.cfg.kind == "callable":
+            return None
+        boxed = last_boxed(text)
+        if boxed is not None or self.cfg.kind == "math":
+            return boxed
+        return unboxed_answer(text, self.cfg.fallback) or None
+
     def _job(self, item: PromptItem, text: str) -> tuple[str, tuple] | None:
         if self.cfg.kind == "callable":
             return self.cfg.function, (text, item.answer)
-        boxed = last_boxed(text)
+        answer = self.answer(text)
         if self.cfg.kind == "math":
-            return (None if boxed is None else ("actors.reward:math_equal", (boxed, item.answer)))
-        lines = text.strip().splitlines()
-        answer = boxed if boxed is not None else (lines[-1].strip() if lines else "")
-        return "actors.reward:reasoning_gym_score", (answer, item.entry)
+            return None if answer is None else ("actors.reward:math_equal", (answer, item.answer))
+        return "actors.reward:reasoning_gym_score", (answer or "", item.entry)
 
     def __call__(self, item: PromptItem, text: str, n_tokens: int) -> tuple[float, dict[str, float]]:
         job = self._job(item, text)

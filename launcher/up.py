@@ -81,8 +81,11 @@ class Child:
         return self.proc.poll() is None
 
     def stop(self, timeout_s: float) -> int:
+        """SIGTERM to the role's own process, which stops what it started (torchrun its ranks, an engine its
+        vLLM processes: a SIGTERM to the whole group killed the evaluator's engine before its final evaluation);
+        SIGKILL to the whole group after `timeout_s`."""
         if self.alive():
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -172,10 +175,10 @@ def print_curve(curve: list[tuple[float, float]], buckets: int = 10) -> None:
 
 def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
                    cpus: dict[str, list[int]] | None = None) -> dict[str, Child]:
-    """Buffer, `run.actors` actors and the learner; `cpus` optionally pins a role ("buffer", "actor" for
-    every actor, "learner" for all its ranks) to cores (see `Child`)."""
+    """Buffer, `run.actors` actors and the learner; `cpus` (default `run.cpus`) optionally pins a role ("buffer",
+    "actor" for every actor and the evaluator, "learner" for all its ranks) to cores (see `Child`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cpus = cpus or {}
+    cpus = cfg.run.cpus if cpus is None else cpus
     py = [sys.executable, "-m", "launcher.cli"]
     children = {"buffer": Child("buffer", py + ["buffer", "--config", str(config_path)], log_dir, env,
                                 cpus.get("buffer"))}

@@ -52,7 +52,6 @@ from learner.advantage.filter import is_uniform
 from learner.advantage.result import TreeAdvantages
 from learner.engine import Learner
 from learner.forward import Sampling
-from learner.metrics_sink import MetricsSink
 from learner.trained_log import TrainedLog
 from learner.weight_push import ZmqWeightPublisher
 from models import materialise_model
@@ -61,6 +60,7 @@ from protocol.config.pipeline import PipelineConfig
 from protocol.messages import SubtreeMsg
 from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
+from telemetry.sink import MetricsSink
 
 log = logging.getLogger("treepo.learner")
 
@@ -134,7 +134,9 @@ class LearnerLoop:
                 version = self._resume_store(store, saved)
             self.source = BatchSource(store, "learner-0", cfg.buffer.max_staleness, cfg.buffer.claim_idle_s)
             self.publisher = ZmqWeightPublisher(cfg.weights, cfg.security, run_id=cfg.run.run_id)
-            self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port)
+            self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port,
+                                    prometheus_host=cfg.run.metrics_host, wandb=cfg.run.wandb,
+                                    run_id=cfg.run.run_id, config=cfg.model_dump(mode="json"))
             # one line per optimizer update (several per step with mini-batches), indexed by update count
             self.update_sink = MetricsSink(self.out / "metrics", "learner_update")
             # which trees each step trained (the lineage record `bench/chaos.py` audits)

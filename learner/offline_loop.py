@@ -42,11 +42,11 @@ from learner.advantage.filter import is_uniform
 from learner.engine import Learner
 from learner.forward import Sampling
 from learner.loop import advantage_records, tree_metrics
-from learner.metrics_sink import MetricsSink
 from learner.trained_log import TrainedLog
 from models import materialise_model
 from protocol.codec import decode
 from protocol.config.pipeline import PipelineConfig, dump_config
+from telemetry.sink import MetricsSink
 
 log = logging.getLogger("treepo.replay")
 

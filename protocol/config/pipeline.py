@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, NonNegativeInt, ValidationError, model_validator
 
 from protocol.config.base import Section
 from protocol.config.buffer import BufferConfig
@@ -30,6 +30,15 @@ from protocol.config.weights import WeightsConfig
 ENV_PREFIX = "TREEPO_"
 
 
+class WandbConfig(Section):
+    project: str = Field("", description="Weights & Biases project the learner and the evaluator log to ('' = off). "
+                         "Each process is a run of its own, grouped by `run.run_id`; needs `pip install wandb`.")
+    entity: str = Field("", description="W&B entity (team or user; '' = the default of the logged-in account).")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: written under `<output_dir>/metrics/wandb` with no network (`wandb sync` "
+        "uploads it later); online: streamed to the W&B server.")
+
+
 class RunConfig(Section):
     run_id: str = Field("run", min_length=1, description="Name of the run (Redis keys, logs, checkpoints).")
     output_dir: str = Field("runs/run", description="Checkpoints, TensorBoard logs, embedded Redis data, plots.")
@@ -40,6 +49,15 @@ class RunConfig(Section):
     learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks `treepo up` starts for the learner (torchrun "
                                "when > 1); each rank trains on its share of every batch.")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
+    metrics_host: str = Field("127.0.0.1", description="Address the Prometheus endpoints bind (0.0.0.0 in a "
+                              "container, so that its published port reaches them).")
+    wandb: WandbConfig = Field(WandbConfig(), description="Optional Weights & Biases sink of the learner's and the "
+                               "evaluator's metrics (beside JSONL, TensorBoard and Prometheus).")
+    cpus: dict[Literal["actor", "learner", "buffer"], list[NonNegativeInt]] = Field(
+        default_factory=dict, description="CPU cores `treepo up` pins a role to (taskset; its OpenMP/torch threads "
+        "sized to them): `actor` for every actor and the evaluator, `learner` for all its ranks. Empty = no "
+        "pinning. On a small box it keeps an inference engine's and the learner's thread pools from preempting "
+        "each other (e.g. {actor: [0], learner: [1]} on 2 cores).")
     max_restarts: int = Field(5, ge=0, description="`treepo up` restarts a role that dies (the learner from its "
                               "checkpoint) at most this many times within `restart_window_s`; one more failure in "
                               "the window ends the run. 0 = never restart.")

@@ -2,6 +2,7 @@
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,40 @@ def test_run_directory_modes(tmp_path):
         prepare_output(out, resume=False, fresh=True, force=False)
     assert out.exists()
     assert "deleted" in prepare_output(out, resume=False, fresh=True, force=True) and not out.exists()
+
+
+ROLE_WITH_A_HELPER = """
+import signal, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # same process group
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+while not stopping:
+    time.sleep(0.01)
+time.sleep(0.3)  # the role's own shutdown work (a final evaluation) still needs its helper
+print("helper alive at shutdown:", helper.poll() is None, flush=True)
+helper.terminate()
+"""
+
+
+def test_stop_signals_the_role_which_stops_its_own_helpers(tmp_path):
+    """An evaluator's vLLM engine processes share its process group; a SIGTERM to the group killed the
+    engine before the evaluator's final evaluation. The role gets the signal, its helpers do not."""
+    child = Child("evaluator", [sys.executable, "-c", ROLE_WITH_A_HELPER], tmp_path, {"PATH": "/usr/bin:/bin"})
+    time.sleep(1.0)
+    assert child.stop(timeout_s=10) == 0
+    assert "helper alive at shutdown: True" in (tmp_path / "evaluator.log").read_text()
+
+
+def test_a_role_that_ignores_stop_is_killed_with_its_group(tmp_path):
+    stubborn = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+               "h = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+               "print(h.pid, flush=True); time.sleep(60)"
+    child = Child("actor-0", [sys.executable, "-c", stubborn], tmp_path, {"PATH": "/usr/bin:/bin"})
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "actor-0.log").read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    helper = int((tmp_path / "actor-0.log").read_text().split()[0])
+    assert child.stop(timeout_s=1) == -9
+    time.sleep(0.2)
+    assert not Path(f"/proc/{helper}").exists() or "Z" in Path(f"/proc/{helper}/stat").read_text().split()[2]

@@ -2,7 +2,8 @@ import json
 import urllib.request
 
 from buffer.redis_server import free_port
-from learner.metrics_sink import MetricsSink
+from protocol.config.pipeline import WandbConfig
+from telemetry.sink import MetricsSink
 
 
 def test_metrics_go_to_jsonl_and_prometheus_and_two_sinks_share_a_process(tmp_path):
@@ -18,3 +19,16 @@ def test_metrics_go_to_jsonl_and_prometheus_and_two_sinks_share_a_process(tmp_pa
     assert (row["step"], row["reward_mean"], row["tokens_per_s"]) == (3, 0.5, 12.0)
     sink.close()
     other.close()
+
+
+def test_wandb_offline_run_records_the_logged_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sink = MetricsSink(tmp_path, "eval", tensorboard=False, wandb=WandbConfig(project="treepo-test", mode="offline"),
+                       run_id="r1", config={"learner": {"lr": 0.5}})
+    sink.log(0, {"mean@4": 0.25})
+    sink.log(10, {"mean@4": 0.75})
+    sink.close()
+    (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    data = record.read_bytes()  # protobuf records: keys and JSON values appear as they are
+    assert b"treepo-test" in data and b'{"lr":0.5}' in data
+    assert data.count(b"eval/mean@4") >= 2 and b"0.25" in data and b"0.75" in data

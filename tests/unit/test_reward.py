@@ -10,7 +10,7 @@ import pytest
 
 from actors.boxed import last_boxed
 from actors.prompts import PromptItem
-from actors.reward import RewardScorer, overlong_penalty
+from actors.reward import RewardScorer, overlong_penalty, unboxed_answer
 from protocol.config.reward import RewardConfig
 
 
@@ -91,3 +91,30 @@ def test_reasoning_gym_scorer():
         assert r(item(entry["answer"], entry), "\\boxed{123456}", 5)[0] == 0.0
     finally:
         r.close()
+
+
+def test_unboxed_answer_is_the_last_line_or_the_last_number():
+    text = "3 + 4 = 7, so the sum is 7.\nI hope that helps with 1,234 things"
+    assert unboxed_answer(text, "last_line") == "I hope that helps with 1,234 things"
+    assert unboxed_answer(text, "last_number") == "1234"
+    assert unboxed_answer("-2.5 then -3 -> -11.", "last_number") == "-11"
+    assert unboxed_answer("no digits here", "last_number") == ""
+    assert unboxed_answer("", "last_line") == ""
+
+
+def test_reasoning_gym_last_number_fallback_grades_an_unboxed_sentence():
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=1)[0]
+    sentence = f"The answer is {entry['answer']}."
+    lines = RewardScorer(RewardConfig(kind="reasoning_gym", incorrect=0.0, timeout_s=30), max_tokens=100)
+    numbers = RewardScorer(RewardConfig(kind="reasoning_gym", incorrect=0.0, timeout_s=30, fallback="last_number"),
+                           max_tokens=100)
+    try:
+        assert lines(item(entry["answer"], entry), sentence, 5)[0] == 0.0  # the last line is not the bare answer
+        assert numbers(item(entry["answer"], entry), sentence, 5)[0] == 1.0
+        assert numbers(item(entry["answer"], entry), f"{sentence} Or 123456", 5)[0] == 0.0  # the last number counts
+        assert numbers(item(entry["answer"], entry), f"\\boxed{{123456}} {entry['answer']}", 5)[0] == 0.0  # box first
+    finally:
+        lines.close()
+        numbers.close()
