@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 train: setup
-	.venv/bin/treepo up --config configs/cpu-tiny.yaml
+	.venv/bin/treepo up --config configs/cpu-smollm2.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider

@@ -173,10 +173,20 @@ def print_curve(curve: list[tuple[float, float]], buckets: int = 10) -> None:
                       f"{'#' * max(0, int(round((mean + 1) * 20)))}")
 
 
+def with_gpus(env: dict[str, str], cfg: PipelineConfig, role: str, index: int = 0) -> dict[str, str]:
+    """`env` with CUDA_VISIBLE_DEVICES set from `run.gpus` for a role (actor `index` takes one id round-robin)."""
+    ids = cfg.run.gpus.get(role)
+    if not ids:
+        return env
+    shown = [ids[index % len(ids)]] if role == "actor" else ids
+    return {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in shown)}
+
+
 def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
                    cpus: dict[str, list[int]] | None = None) -> dict[str, Child]:
-    """Buffer, `run.actors` actors and the learner; `cpus` (default `run.cpus`) optionally pins a role ("buffer",
-    "actor" for every actor and the evaluator, "learner" for all its ranks) to cores (see `Child`)."""
+    """Buffer, `run.actors` actors, the learner and the evaluator; `cpus` (default `run.cpus`) optionally pins a
+    role ("buffer", "actor" for every actor, "learner" for all its ranks, "evaluator", by default on the actors'
+    cores) to cores (see `Child`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cpus = cfg.run.cpus if cpus is None else cpus
     py = [sys.executable, "-m", "launcher.cli"]
@@ -184,15 +194,16 @@ def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
                                 cpus.get("buffer"))}
     for i in range(cfg.run.actors):
         children[f"actor-{i}"] = Child(f"actor-{i}", py + ["actor", "--config", str(config_path), "--actor-id",
-                                                             f"actor-{i}"], log_dir, env, cpus.get("actor"))
+                                                             f"actor-{i}"], log_dir, with_gpus(env, cfg, "actor", i),
+                                       cpus.get("actor"))
     learner = py + ["learner", "--config", str(config_path)]
     if cfg.run.learner_ranks > 1:
         learner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(cfg.run.learner_ranks), "-m", "launcher.cli", *learner[3:]]
-    children["learner"] = Child("learner", learner, log_dir, env, cpus.get("learner"))
+    children["learner"] = Child("learner", learner, log_dir, with_gpus(env, cfg, "learner"), cpus.get("learner"))
     if cfg.eval.every_versions:
-        children["evaluator"] = Child("evaluator", py + ["evaluator", "--config", str(config_path)], log_dir, env,
-                                      cpus.get("actor"))
+        children["evaluator"] = Child("evaluator", py + ["evaluator", "--config", str(config_path)], log_dir,
+                                      with_gpus(env, cfg, "evaluator"), cpus.get("evaluator", cpus.get("actor")))
     return children
 
 

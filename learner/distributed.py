@@ -1,7 +1,7 @@
 """Process-group set-up for the DeepSpeed learner, on CPU (gloo) or GPU (nccl).
 
 A process started without launcher variables becomes rank 0 of a world of 1 on a free loopback
-port. On a machine without CUDA, `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported. The
+port. A learner across machines is one torchrun per node (`node_command`, `treepo learner --nnodes`). On a machine without CUDA, `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported. The
 CPU communication op DeepSpeed JIT-builds on first use (45-60 s) is cached under
 `TORCH_EXTENSIONS_DIR`, by default `<venv>/torch_extensions`, so it is built once per venv.
 """
@@ -13,6 +13,8 @@ import socket
 import sys
 
 import torch
+
+from protocol.config import ConfigError
 
 
 def free_port() -> int:
@@ -36,6 +38,40 @@ def init_distributed() -> tuple[int, int]:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def node_command(config: str | None, learner_ranks: int, nnodes: int, node_rank: int, master_addr: str,
+                 master_port: int) -> list[str]:
+    """The torchrun command that starts this node's share of a learner spanning `nnodes` machines (rendezvous at
+    node 0's `master_addr:master_port`); each node runs learner_ranks / nnodes ranks. One node: `--standalone`."""
+    if nnodes == 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(learner_ranks),
+                "-m", "launcher.cli", "learner", *(["--config", config] if config else [])]
+    if not master_addr:
+        raise ConfigError("treepo learner --nnodes > 1 needs --master-addr (the address of node rank 0)")
+    if learner_ranks % nnodes:
+        raise ConfigError(f"run.learner_ranks={learner_ranks} does not split evenly over --nnodes {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank {node_rank} is not in [0, {nnodes})")
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+            "--nproc-per-node", str(learner_ranks // nnodes), "--master-addr", master_addr,
+            "--master-port", str(master_port), "-m", "launcher.cli", "learner",
+            *(["--config", config] if config else [])]
+
+
+def device_for_backend(backend: str) -> torch.device:
+    """Where a collective's tensors must live for a process-group backend: nccl takes only CUDA tensors (this
+    rank's GPU, `LOCAL_RANK`); gloo takes CPU tensors."""
+    if backend == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """`device_for_backend` of the default process group (CPU when there is none)."""
+    import torch.distributed as dist
+
+    return device_for_backend(dist.get_backend() if dist.is_initialized() else "gloo")
 
 
 def exit_cleanly(code: int = 0) -> None:

@@ -51,7 +51,7 @@ from learner.batch import (
     split_for_ranks,
     split_mini_batches,
 )
-from learner.distributed import init_distributed
+from learner.distributed import collective_device, init_distributed
 from learner.forward import RAW, Sampling, micro_batch_logprobs, micro_batch_loss
 from learner.loss import LossSettings, LossStats
 from learner.tree_attention import pad_multiple, tree_packing_refusal
@@ -275,9 +275,10 @@ class Learner:
         names = [k for k in vars(stats) if not k.endswith(("_max", "_min"))]
         highs = [k for k in vars(stats) if k.endswith("_max")]
         lows = [k for k in vars(stats) if k.endswith("_min")]
-        sums = torch.tensor([getattr(stats, k) for k in names], dtype=torch.float64)
+        device = collective_device()
+        sums = torch.tensor([getattr(stats, k) for k in names], dtype=torch.float64, device=device)
         extremes = torch.tensor([getattr(stats, k) for k in highs] + [-getattr(stats, k) for k in lows],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=device)
         dist.all_reduce(sums)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
         values = extremes.tolist()

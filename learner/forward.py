@@ -22,8 +22,10 @@ not all of them. The entropy is that of the full next-token distribution at the 
 computed without grad, for metrics only.
 
 The shortcut assumes the model's logits are its output embedding of the final hidden state, with
-nothing after it (no soft-cap or scaling, as in Gemma, Cohere or Granite), so it accepts only the
-model types in `PLAIN_HEAD_MODELS` and raises for any other.
+nothing after it (no soft-cap or scaling, as in Gemma, Cohere or Granite), so it is taken only for the
+model types in `PLAIN_HEAD_MODELS`; any other model runs its full forward (its own logits at every
+position, soft-cap and scaling included), and the same selection, sampling filters and log-softmax
+follow: correct for every causal LM, at the memory of a full [T, V] logit tensor per sequence.
 """
 
 from __future__ import annotations
@@ -44,15 +46,9 @@ PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DEFAULT_LOGIT_CHUNK: int = LearnerConfig.model_fields["logit_chunk_tokens"].default
 
 
-def _plain_head_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside `model` (a DeepSpeed engine's `config` is its own), checked for a plain head."""
-    hf_model = getattr(model, "module", model)
-    model_type = hf_model.config.model_type
-    if model_type not in PLAIN_HEAD_MODELS:
-        raise NotImplementedError(f"token_logprobs applies the bare output embedding; model type {model_type!r} "
-                                  f"is not among those known to have no logit soft-cap or scaling: "
-                                  f"{sorted(PLAIN_HEAD_MODELS)}")
-    return hf_model
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside `model` (a DeepSpeed engine's `config` is its own)."""
+    return getattr(model, "module", model)
 
 
 @dataclass(frozen=True)
@@ -134,11 +130,17 @@ def head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return picked, entropy if with_entropy else None
 
 
-def _final_hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
+def _head_inputs(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, torch.nn.Module]:
+    """What the head turns into logits, per position, and the head: the final hidden states and the output
+    embedding for a plain-head model (no logits computed by the model); for any other model its own logits
+    and the identity. Through `model` itself, not the HF model inside: a DeepSpeed engine hooks the outputs
+    for its backward."""
+    hf_model = _hf_model(model)
+    if hf_model.config.model_type not in PLAIN_HEAD_MODELS:
+        return model(**inputs, use_cache=False).logits, torch.nn.Identity()
     no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    # through `model` itself, not the HF model inside: a DeepSpeed engine hooks the outputs for its backward
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
-    return out.hidden_states[-1]
+    return out.hidden_states[-1], hf_model.get_output_embeddings()
 
 
 def token_logprobs(model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False,
@@ -146,12 +148,11 @@ def token_logprobs(model: torch.nn.Module, mb: MicroBatch, with_entropy: bool = 
                    sampling: Sampling = RAW) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows: log pi(token_t | tokens_<t) for t >= 1 where token t is trained, else 0: [B, T-1] float32;
     and the entropy there if asked. `model` is a HF causal LM or a DeepSpeed engine around one."""
-    hf_model = _plain_head_model(model)
-    hidden = _final_hidden(model, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                           position_ids=mb.position_ids)
+    hidden, head = _head_inputs(model, input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                position_ids=mb.position_ids)
     trained = mb.loss_mask[:, 1:] > 0
-    picked, entropy = head_logprobs(hf_model.get_output_embeddings(), hidden[:, :-1][trained],
-                                    mb.input_ids[:, 1:][trained], logit_chunk, with_entropy, sampling)
+    picked, entropy = head_logprobs(head, hidden[:, :-1][trained], mb.input_ids[:, 1:][trained], logit_chunk,
+                                    with_entropy, sampling)
     logprobs = picked.new_zeros(trained.shape).masked_scatter(trained, picked)
     if not with_entropy:
         return logprobs, None
@@ -163,11 +164,11 @@ def packed_token_logprobs(model: torch.nn.Module, mb: PackedMicroBatch, with_ent
                           sampling: Sampling = RAW) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tree: log pi of each loss entry's token, float32 [E] (each unique token computed once, then
     gathered); and the entropy there if asked."""
-    hf_model = _plain_head_model(model)
+    hf_model = _hf_model(model)
     mask = tree_attention_mask(mb.subtree_end, hf_model.config, hf_model.dtype)
-    hidden = _final_hidden(model, input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids)
-    picked, entropy = head_logprobs(hf_model.get_output_embeddings(), hidden.flatten(0, 1)[mb.predictors],
-                                    mb.input_ids.flatten()[mb.targets], logit_chunk, with_entropy, sampling)
+    hidden, head = _head_inputs(model, input_ids=mb.input_ids, attention_mask=mask, position_ids=mb.position_ids)
+    picked, entropy = head_logprobs(head, hidden.flatten(0, 1)[mb.predictors], mb.input_ids.flatten()[mb.targets],
+                                    logit_chunk, with_entropy, sampling)
     return picked[mb.entry_slots], entropy[mb.entry_slots] if with_entropy else None
 
 

@@ -50,13 +50,14 @@ from buffer.redis_server import OUTAGE_ERRORS, connect
 from buffer.store import AdvantageRecord, TreeStore
 from learner.advantage.filter import is_uniform
 from learner.advantage.result import TreeAdvantages
+from learner.distributed import collective_device, exit_cleanly, node_command
 from learner.engine import Learner
 from learner.forward import Sampling
 from learner.trained_log import TrainedLog
 from learner.weight_push import ZmqWeightPublisher
 from models import materialise_model
 from protocol.codec import decode, encode
-from protocol.config.pipeline import PipelineConfig
+from protocol.config.pipeline import PipelineConfig, load_config
 from protocol.messages import SubtreeMsg
 from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
@@ -90,24 +91,25 @@ def broadcast_trees(trees: list[Tree] | None, rank: int, world: int) -> list[Tre
         return trees or []
     import torch.distributed as dist
 
+    device = collective_device()
     if rank == 0:
         blobs = [encode(SubtreeMsg(key=t.tree_id, actor_id="learner", seq=0, tree=t)) for t in trees or []]
-        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
-        count = torch.tensor([len(blobs)], dtype=torch.int64)
+        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64, device=device)
+        count = torch.tensor([len(blobs)], dtype=torch.int64, device=device)
     else:
-        count = torch.zeros(1, dtype=torch.int64)
+        count = torch.zeros(1, dtype=torch.int64, device=device)
     dist.broadcast(count, 0)
     if int(count) == 0:  # a batch whose trees were all set aside (uniform): nothing to send
         return []
     if rank != 0:
-        sizes = torch.zeros(int(count), dtype=torch.int64)
+        sizes = torch.zeros(int(count), dtype=torch.int64, device=device)
     dist.broadcast(sizes, 0)
-    flat = (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if rank == 0
-            else torch.zeros(int(sizes.sum()), dtype=torch.uint8))
+    flat = (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8).to(device) if rank == 0
+            else torch.zeros(int(sizes.sum()), dtype=torch.uint8, device=device))
     dist.broadcast(flat, 0)
     if rank == 0:
         return list(trees or [])
-    raw, out, at = flat.numpy().tobytes(), [], 0
+    raw, out, at = flat.cpu().numpy().tobytes(), [], 0
     for n in sizes.tolist():
         out.append(decode(raw[at:at + n]).tree)
         at += n
@@ -172,7 +174,7 @@ class LearnerLoop:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=collective_device())
         dist.broadcast(t, 0)
         return int(t.item())
 
@@ -232,7 +234,7 @@ class LearnerLoop:
 
     def _stop_requested(self) -> bool:
         """Whether to stop now (rank 0 decides, every rank follows)."""
-        flag = torch.tensor([1 if self._stopping() else 0])
+        flag = torch.tensor([1 if self._stopping() else 0], device=collective_device())
         if self.world > 1:
             import torch.distributed as dist
 
@@ -320,10 +322,20 @@ class LearnerLoop:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_argument(p)
+    p.add_argument("--nnodes", type=int, default=1, help="machines the learner spans: this node starts "
+                   "run.learner_ranks / nnodes ranks under torchrun, meeting the others at --master-addr (one node "
+                   "with run.learner_ranks > 1: torchrun --standalone)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --nnodes (0 = the master)")
+    p.add_argument("--master-addr", default="", help="address of node rank 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the master node")
 
 
 def run(args: argparse.Namespace) -> int:
     """`treepo learner`: train until learner.max_steps or SIGTERM/SIGINT (then checkpoint and export)."""
+    ranks = load_config(args.config).run.learner_ranks
+    if "RANK" not in os.environ and (args.nnodes > 1 or ranks > 1):  # this node's ranks, under torchrun
+        argv = node_command(args.config, ranks, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+        os.execv(argv[0], argv)  # torchrun takes this process's place: SIGTERM reaches it, and it stops the ranks
     cfg, stop = start_role(args)
     model_dir = materialise_model(cfg.model, Path(cfg.run.output_dir) / "model")
     loop = LearnerLoop(cfg, model_dir, stop)
@@ -332,9 +344,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         loop.close()
     if loop.world > 1:  # STACK.md: a clean multi-process exit on CPU
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)
+        exit_cleanly(0)
     return 0

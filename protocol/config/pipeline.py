@@ -48,15 +48,20 @@ class RunConfig(Section):
     actors: int = Field(1, ge=0, description="Actor processes `treepo up` starts.")
     learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks `treepo up` starts for the learner (torchrun "
                                "when > 1); each rank trains on its share of every batch.")
+    gpus: dict[Literal["actor", "learner", "evaluator"], list[NonNegativeInt]] = Field(
+        default_factory=dict, description="GPU ids `treepo up` shows each role (CUDA_VISIBLE_DEVICES): `actor`: "
+        "actor i gets actor[i mod len]; `learner`: the ids its ranks use, rank r the r-th (at least "
+        "`learner_ranks` of them); `evaluator`: its engine's. A role not listed sees every GPU (all default to "
+        "GPU 0); a machine without GPUs runs the same config unchanged.")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
     metrics_host: str = Field("127.0.0.1", description="Address the Prometheus endpoints bind (0.0.0.0 in a "
                               "container, so that its published port reaches them).")
     wandb: WandbConfig = Field(WandbConfig(), description="Optional Weights & Biases sink of the learner's and the "
                                "evaluator's metrics (beside JSONL, TensorBoard and Prometheus).")
-    cpus: dict[Literal["actor", "learner", "buffer"], list[NonNegativeInt]] = Field(
+    cpus: dict[Literal["actor", "learner", "buffer", "evaluator"], list[NonNegativeInt]] = Field(
         default_factory=dict, description="CPU cores `treepo up` pins a role to (taskset; its OpenMP/torch threads "
-        "sized to them): `actor` for every actor and the evaluator, `learner` for all its ranks. Empty = no "
-        "pinning. On a small box it keeps an inference engine's and the learner's thread pools from preempting "
+        "sized to them): `actor` for every actor, `learner` for all its ranks, `evaluator` (default: the actors' "
+        "cores). Empty = no pinning. On a small box it keeps an inference engine's and the learner's thread pools from preempting "
         "each other (e.g. {actor: [0], learner: [1]} on 2 cores).")
     max_restarts: int = Field(5, ge=0, description="`treepo up` restarts a role that dies (the learner from its "
                               "checkpoint) at most this many times within `restart_window_s`; one more failure in "
@@ -88,6 +93,16 @@ class PipelineConfig(Section):
     def _sync_means_no_staleness(self):
         if self.run.schedule == "sync":
             self.buffer.max_staleness = 0
+        return self
+
+    @model_validator(mode="after")
+    def _a_gpu_per_learner_rank(self):
+        listed = self.run.gpus.get("learner", [])
+        if listed and len(listed) < self.run.learner_ranks:
+            raise ValueError(f"run.gpus.learner lists {len(listed)} GPU(s) for run.learner_ranks="
+                             f"{self.run.learner_ranks}: each rank needs its own")
+        if any(not ids for ids in self.run.gpus.values()):
+            raise ValueError("run.gpus: a role listed with no GPU id; leave the role out to show it every GPU")
         return self
 
     @model_validator(mode="after")

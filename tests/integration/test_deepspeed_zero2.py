@@ -51,6 +51,7 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
     restored = (resumed.step_count, resumed.policy_version)
     again = [resumed.step(b) for b in batches[2:]]
     # the learner loop's broadcast of rank 0's batch, an empty one included (all its trees set aside)
+    from learner.distributed import collective_device
     from learner.loop import broadcast_trees
 
     sent = [batches[0], [], batches[2]]
@@ -58,7 +59,8 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
     steps = resumed.step_count
     empty = resumed.step([])
     result = {"before": before, "went_on": went_on, "again": again, "restored": restored,
-              "received": received, "empty_step": [steps, resumed.step_count, empty["skipped"]],
+              "received": received, "collective_device": str(collective_device()),
+              "empty_step": [steps, resumed.step_count, empty["skipped"]],
               "fresh": fresh_checksum, "first_final": _checksum(first), "resumed_final": _checksum(resumed)}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     exit_cleanly(0)
@@ -72,6 +74,7 @@ def test_zero2_two_processes_train_and_resume(tiny_model_dir, tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["restored"] == [2, 2]
     assert r0["received"] == r1["received"] == [["a", "b"], [], ["b", "c"]]
+    assert r0["collective_device"] == r1["collective_device"] == "cpu"  # gloo: the collectives ran on CPU tensors
     assert r0["empty_step"] == r1["empty_step"] == [4, 4, 1.0]  # an empty batch makes no step on any rank
     keys = ("loss", "grad_norm", "lr", "importance_weight", "trained_tokens", "policy_version")
     for went_on, again in zip(r0["went_on"], r0["again"], strict=True):

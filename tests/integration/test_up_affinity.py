@@ -4,6 +4,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from launcher.up import Child, start_children
 from protocol.config.pipeline import PipelineConfig
 
@@ -39,3 +42,26 @@ def test_start_children_pins_each_role_as_asked(tmp_path):
     finally:
         for child in children.values():
             child.stop(timeout_s=30)
+
+
+def test_run_cpus_and_gpus_place_each_role(tmp_path):
+    cfg = PipelineConfig.model_validate({"run": {"actors": 3, "learner_ranks": 2, "cpus": {"actor": [0]},
+                                                 "gpus": {"actor": [0, 1], "learner": [2, 3], "evaluator": [1]}},
+                                         "eval": {"every_versions": 5}})
+    children = start_children(cfg, tmp_path / "missing.yaml", tmp_path)  # run.cpus when not given
+    try:
+        shown = {name: child.env.get("CUDA_VISIBLE_DEVICES") for name, child in children.items()}
+        assert shown == {"buffer": None, "actor-0": "0", "actor-1": "1", "actor-2": "0", "learner": "2,3",
+                         "evaluator": "1"}
+        assert children["actor-2"].proc.args[:3] == ["taskset", "-c", "0"]
+        assert children["learner"].proc.args[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    finally:
+        for child in children.values():
+            child.stop(timeout_s=30)
+
+
+def test_gpu_lists_are_checked_at_start_up():
+    with pytest.raises(ValidationError, match="run.gpus.learner lists 1 GPU"):
+        PipelineConfig.model_validate({"run": {"learner_ranks": 2, "gpus": {"learner": [0]}}})
+    with pytest.raises(ValidationError, match="no GPU id"):
+        PipelineConfig.model_validate({"run": {"gpus": {"actor": []}}})

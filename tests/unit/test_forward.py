@@ -63,11 +63,23 @@ def test_trained_positions_match_the_full_logits(model):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_refuses_a_model_whose_head_does_more_than_the_output_embedding():
+def test_a_model_whose_head_does_more_than_the_output_embedding_runs_its_full_forward():
+    """Gemma 2 soft-caps its logits: the head-only shortcut would be wrong, its own logits are used instead."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=1, num_key_value_heads=1, head_dim=16,
-                                           final_logit_softcapping=30.0))
-    with pytest.raises(NotImplementedError, match="gemma2"):
-        token_logprobs(gemma, _micro_batch(0))
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=40_000, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                                           head_dim=16, final_logit_softcapping=2.0)).float()
+    with torch.no_grad():
+        gemma.lm_head.weight.mul_(100)  # logits well past the cap
+    mb = _micro_batch(0)
+    trained = mb.loss_mask[:, 1:] > 0
+    logprobs, entropy = token_logprobs(gemma, mb, with_entropy=True)
+    ref_logprobs, ref_entropy = _reference(gemma, mb)
+    torch.testing.assert_close(logprobs[trained], ref_logprobs[trained], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[trained], ref_entropy[trained], rtol=1e-5, atol=1e-5)
+    hidden = gemma.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                         position_ids=mb.position_ids).last_hidden_state
+    uncapped = torch.log_softmax(gemma.lm_head(hidden)[:, :-1], -1).gather(-1, mb.input_ids[:, 1:, None])[..., 0]
+    assert (uncapped[trained] - logprobs[trained]).abs().max() > 0.1  # the shortcut would have missed the cap
