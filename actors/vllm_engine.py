@@ -28,7 +28,9 @@ import torch
 from safetensors.torch import save_file
 
 from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult
-from protocol.config.engine import EngineConfig, vllm_block_size
+from protocol.config.engine import EngineConfig, eager, vllm_block_size
+
+log = logging.getLogger("treepo.actor")
 
 
 def _set_cpu_env(cfg: EngineConfig) -> None:
@@ -64,6 +66,21 @@ def _quiet_harmless_reload_warnings(worker) -> None:
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_HarmlessReloadWarnings())
 
 
+def staging_parent(model_bytes: int, shm: Path = Path("/dev/shm")) -> str | None:
+    """Where `load_weights` writes each pushed version for vLLM to read: `shm` (memory) when it has room for the
+    weights with a quarter to spare, else the system's temporary directory on disk (slower; logged, with what
+    `shm` would need: a container's --shm-size, or the emptyDir size limit in deploy/k8s)."""
+    if not shm.is_dir():
+        return None
+    free = shutil.disk_usage(shm).free
+    if free >= 1.25 * model_bytes:
+        return str(shm)
+    log.warning("%s has %.1f GiB free, the weights need %.1f GiB: new versions are staged on disk (slower); "
+                "give %s more room (docker --shm-size, or the pod's /dev/shm emptyDir)", shm, free / 2**30,
+                1.25 * model_bytes / 2**30, shm)
+    return None
+
+
 class VllmEngine(Engine):
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, seed: int = 0, policy_version: int = 0):
         _set_cpu_env(cfg)
@@ -73,7 +90,8 @@ class VllmEngine(Engine):
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                       enable_prefix_caching=True, enforce_eager=cfg.enforce_eager, seed=seed,
+                       enable_prefix_caching=True, enforce_eager=eager(cfg, torch.cuda.is_available()), seed=seed,
+                       tensor_parallel_size=cfg.tensor_parallel_size,
                        logprobs_mode="processed_logprobs", **kwargs)  # protocol.sampling
         tok = self.llm.get_tokenizer()
         self.tokenizer = tok
@@ -88,8 +106,8 @@ class VllmEngine(Engine):
         self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self.policy_version = policy_version
         self.counters = EngineCounters()
-        self._weights_dir = Path(tempfile.mkdtemp(prefix="treepo-vllm-weights-",
-                                                  dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        model_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+        self._weights_dir = Path(tempfile.mkdtemp(prefix="treepo-vllm-weights-", dir=staging_parent(model_bytes)))
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
         from vllm import SamplingParams, TokensPrompt

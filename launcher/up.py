@@ -174,11 +174,16 @@ def print_curve(curve: list[tuple[float, float]], buckets: int = 10) -> None:
 
 
 def with_gpus(env: dict[str, str], cfg: PipelineConfig, role: str, index: int = 0) -> dict[str, str]:
-    """`env` with CUDA_VISIBLE_DEVICES set from `run.gpus` for a role (actor `index` takes one id round-robin)."""
+    """`env` with CUDA_VISIBLE_DEVICES set from `run.gpus` for a role: actor `index` takes the index-th group
+    of `engine.tensor_parallel_size` ids, round-robin over the groups."""
     ids = cfg.run.gpus.get(role)
     if not ids:
         return env
-    shown = [ids[index % len(ids)]] if role == "actor" else ids
+    if role == "actor":
+        tp = cfg.engine.tensor_parallel_size
+        group = index % (len(ids) // tp)
+        ids = ids[group * tp:(group + 1) * tp]
+    shown = ids
     return {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in shown)}
 
 

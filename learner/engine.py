@@ -80,6 +80,12 @@ def deepspeed_config(cfg: LearnerConfig, bf16: bool) -> dict:
     }
 
 
+def training_dtype(cfg: LearnerConfig, gpu: bool) -> torch.dtype:
+    """`learner.dtype` resolved: auto is bfloat16 on GPU, float32 on CPU."""
+    name = ("bfloat16" if gpu else "float32") if cfg.dtype == "auto" else cfg.dtype
+    return getattr(torch, name)
+
+
 def own_clipping(cfg: LearnerConfig, bf16: bool) -> bool:
     return cfg.zero_stage == 0 and not bf16
 
@@ -139,7 +145,8 @@ class Learner:
         self.sampling = sampling  # the actors' sampling distribution: log-probs are taken under it
         gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
-        dtype = torch.bfloat16 if gpu else torch.float32
+        dtype = training_dtype(cfg, gpu)
+        bf16 = dtype == torch.bfloat16
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype,
                                                      attn_implementation=cfg.attn_implementation)
@@ -151,11 +158,11 @@ class Learner:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(cfg.warmup_steps))
         self.clip_hook = None
-        if own_clipping(cfg, gpu):
+        if own_clipping(cfg, bf16):
             self.clip_hook = GradClipHook(list(model.parameters()), cfg.grad_clip)
             optimizer.register_step_pre_hook(self.clip_hook)
         self.scheduler = scheduler  # stepped once per training step (not per update), so DeepSpeed does not own it
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, gpu))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16))
         if self.world == 1 and cfg.zero_stage == 0:  # nothing to average; DeepSpeed would still flatten and copy
             self.engine.enable_backward_allreduce = False  # back every gradient at each step (0.18 s, SmolLM2-135M)
         self.ref_model = None

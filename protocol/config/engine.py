@@ -19,7 +19,16 @@ class EngineConfig(Section):
                             "0 = the smallest the platform supports: 32 on vLLM-CPU (its attention needs a multiple "
                             "of 32; vLLM's own CPU default, 128, is longer than most prompt + segment prefixes, so "
                             "nothing hits), 16 on GPU.")
-    enforce_eager: bool = Field(True, description="Skip CUDA graph capture (faster start, slower decode).")
+    enforce_eager: bool | None = Field(
+        None, description="Skip CUDA graph capture (faster start, slower decode); unset = true on CPU (no graphs "
+        "there), false on GPU.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs each vLLM actor shards its model over (run.gpus.actor "
+                                      "then gives actor i the i-th group of this many ids).")
+
+
+def eager(cfg: EngineConfig, gpu: bool) -> bool:
+    """`engine.enforce_eager`, or its platform default."""
+    return (not gpu) if cfg.enforce_eager is None else cfg.enforce_eager
 
 
 SMALLEST_VLLM_BLOCK = {"cpu": 32, "gpu": 16}

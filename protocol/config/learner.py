@@ -73,6 +73,9 @@ class LearnerConfig(Section):
                                     "many trained positions at a time; with more, each chunk is recomputed in the "
                                     "backward pass, so peak memory holds one chunk x vocabulary of logits.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Training dtype of the weights (DeepSpeed bf16 with fp32 master weights when bfloat16); "
+        "auto = bfloat16 on GPU, float32 on CPU.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
     max_minutes: float = Field(0.0, ge=0, description="End the run cleanly (checkpoint, export, exit 0, as on SIGTERM) "
                                "once the learner has run this many minutes in this process; 0 = no time limit.")

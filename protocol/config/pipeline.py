@@ -50,7 +50,7 @@ class RunConfig(Section):
                                "when > 1); each rank trains on its share of every batch.")
     gpus: dict[Literal["actor", "learner", "evaluator"], list[NonNegativeInt]] = Field(
         default_factory=dict, description="GPU ids `treepo up` shows each role (CUDA_VISIBLE_DEVICES): `actor`: "
-        "actor i gets actor[i mod len]; `learner`: the ids its ranks use, rank r the r-th (at least "
+        "actor i gets the i-th group of engine.tensor_parallel_size ids (round-robin); `learner`: the ids its ranks use, rank r the r-th (at least "
         "`learner_ranks` of them); `evaluator`: its engine's. A role not listed sees every GPU (all default to "
         "GPU 0); a machine without GPUs runs the same config unchanged.")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
@@ -101,6 +101,10 @@ class PipelineConfig(Section):
         if listed and len(listed) < self.run.learner_ranks:
             raise ValueError(f"run.gpus.learner lists {len(listed)} GPU(s) for run.learner_ranks="
                              f"{self.run.learner_ranks}: each rank needs its own")
+        actor_ids, tp = self.run.gpus.get("actor", []), self.engine.tensor_parallel_size
+        if len(actor_ids) % tp:
+            raise ValueError(f"run.gpus.actor lists {len(actor_ids)} GPU(s), not a multiple of "
+                             f"engine.tensor_parallel_size={tp}")
         if any(not ids for ids in self.run.gpus.values()):
             raise ValueError("run.gpus: a role listed with no GPU id; leave the role out to show it every GPU")
         return self

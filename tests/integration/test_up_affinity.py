@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from launcher.up import Child, start_children
+from launcher.up import Child, start_children, with_gpus
 from protocol.config.pipeline import PipelineConfig
 
 PRINT_PINS = "import os; print(sorted(os.sched_getaffinity(0)), os.environ.get('OMP_NUM_THREADS'))"
@@ -65,3 +65,10 @@ def test_gpu_lists_are_checked_at_start_up():
         PipelineConfig.model_validate({"run": {"learner_ranks": 2, "gpus": {"learner": [0]}}})
     with pytest.raises(ValidationError, match="no GPU id"):
         PipelineConfig.model_validate({"run": {"gpus": {"actor": []}}})
+
+
+def test_tensor_parallel_actors_take_groups_of_gpus():
+    cfg = PipelineConfig.model_validate({"run": {"gpus": {"actor": [0, 1, 2, 3]}}, "engine": {"tensor_parallel_size": 2}})
+    assert [with_gpus({}, cfg, "actor", i)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0,1", "2,3", "0,1"]
+    with pytest.raises(ValidationError, match="not a multiple of engine.tensor_parallel_size=2"):
+        PipelineConfig.model_validate({"run": {"gpus": {"actor": [0, 1, 2]}}, "engine": {"tensor_parallel_size": 2}})

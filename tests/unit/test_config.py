@@ -76,3 +76,21 @@ def test_a_block_that_cannot_hit_is_reported_naming_the_fields(tmp_path, capsys)
     assert config_warnings(PipelineConfig.model_validate(short), gpu=False) == []  # the default block: 32 <= 72
     transformers = PipelineConfig.model_validate({**short, "engine": {"kind": "transformers", "block_size": 128}})
     assert config_warnings(transformers, gpu=False) == []  # its cache is token-granular
+
+
+def test_eager_mode_defaults_to_the_platform():
+    from protocol.config.engine import EngineConfig, eager
+
+    assert eager(EngineConfig(), gpu=False) and not eager(EngineConfig(), gpu=True)
+    assert eager(EngineConfig(enforce_eager=True), gpu=True) and not eager(EngineConfig(enforce_eager=False), gpu=False)
+
+
+def test_the_learner_trains_in_bf16_on_gpu_and_fp32_on_cpu_unless_told():
+    import torch
+
+    from learner.engine import training_dtype
+    from protocol.config.learner import LearnerConfig
+
+    assert training_dtype(LearnerConfig(), gpu=True) == torch.bfloat16
+    assert training_dtype(LearnerConfig(), gpu=False) == torch.float32
+    assert training_dtype(LearnerConfig(dtype="float32"), gpu=True) == torch.float32
