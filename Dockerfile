@@ -19,9 +19,7 @@ COPY protocol ./protocol
 COPY actors ./actors
 COPY learner ./learner
 COPY buffer ./buffer
-COPY launcher ./launcher
-COPY models ./models
-COPY telemetry ./telemetry
+COPY treepo ./treepo
 RUN pip install -c constraints.txt ".[gpu]"
 
 COPY configs ./configs

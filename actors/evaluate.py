@@ -22,12 +22,12 @@ from pathlib import Path
 
 from actors.engine import Engine
 from actors.eval_metrics import PromptSamples, summarise
-from actors.prompts import load_prompts, raw_rows
 from actors.reward import RewardScorer
 from actors.samplers import make_sampler
 from protocol.config import ConfigError, PipelineConfig
 from protocol.config.rollout import RolloutConfig
 from protocol.tree import Tree
+from treepo.prompts import load_prompts, raw_rows
 
 
 def eval_rollout(cfg: PipelineConfig) -> RolloutConfig:

@@ -24,10 +24,10 @@ from pathlib import Path
 from actors.evaluate import Evaluation
 from actors.loop import make_engine
 from actors.weight_receiver import ZmqWeightSubscriber
-from models import materialise_model
 from protocol.config import PipelineConfig
 from protocol.role_process import add_config_argument, start_role
-from telemetry.sink import MetricsSink
+from treepo.models import materialise_model
+from treepo.telemetry import MetricsSink
 
 log = logging.getLogger("treepo.evaluator")
 

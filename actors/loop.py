@@ -25,17 +25,17 @@ import time
 from pathlib import Path
 
 from actors.engine import Engine
-from actors.prompts import PromptItem, raw_rows, render
 from actors.reward import RewardScorer
 from actors.samplers import make_sampler
 from actors.weight_receiver import ZmqWeightSubscriber
 from buffer.client import BufferClient
-from models import materialise_model
 from protocol.config import PipelineConfig, config_warnings
 from protocol.messages import PromptGrant, PromptLease
 from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
-from telemetry.sink import MetricsSink
+from treepo.models import materialise_model
+from treepo.prompts import PromptItem, raw_rows, render
+from treepo.telemetry import MetricsSink
 
 log = logging.getLogger("treepo.actor")
 

@@ -26,8 +26,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from actors.boxed import last_boxed
-from actors.prompts import PromptItem
 from protocol.config.reward import RewardConfig
+from treepo.prompts import PromptItem
 
 
 def resolve(name: str) -> Callable[..., Any]:

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from actors.engine import Engine, SamplingParams, SegmentRequest, SegmentResult
-from actors.prompts import PromptItem
 from actors.tree_state import Path, PromptTree, Scorer, TreePiece
 from protocol.config.rollout import RolloutConfig
 from protocol.tree import SamplingSettings, Tree, TreeMode
+from treepo.prompts import PromptItem
 
 
 class SamplerBase(ABC):

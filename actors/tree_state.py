@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.engine import SegmentResult
-from actors.prompts import PromptItem
 from protocol.messages import SubtreeMsg
 from protocol.tree import ROOT_ID, Leaf, SamplingSettings, Segment, StopReason, Tree
+from treepo.prompts import PromptItem
 
 # (prompt, completion text, response tokens) -> (reward, details)
 Scorer = Callable[[PromptItem, str, int], tuple[float, dict[str, float]]]

@@ -161,7 +161,7 @@ def main() -> None:
         t_raw_before = raw_pipeline(server, payload, total)
         wait_idle(server)
 
-        service = subprocess.Popen([sys.executable, "-m", "launcher.cli", "buffer", "--config", str(cfg_path)],
+        service = subprocess.Popen([sys.executable, "-m", "treepo.cli", "buffer", "--config", str(cfg_path)],
                                    cwd=ROOT, stderr=subprocess.DEVNULL)
         store = TreeStore.from_config(server.client(), cfg)
         acks, ends = paced_latency(cfg, store, args.paced)

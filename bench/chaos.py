@@ -54,9 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from buffer.redis_server import EmbeddedRedis  # noqa: E402
 from buffer.store import TreeStore  # noqa: E402
-from launcher.up import read_jsonl  # noqa: E402
 from learner.trained_log import final_lineage  # noqa: E402
 from protocol.config.pipeline import load_config  # noqa: E402
+from treepo.up import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = {"actor": 4, "buffer": 10, "redis": 16, "learner": 22, "up": 28}  # learner step -> fault
@@ -125,7 +125,7 @@ def wait_step(metrics: Path, step: int, proc: subprocess.Popen, timeout_s: float
 
 def up(config: Path, out: Path, *flags: str) -> subprocess.Popen:
     logf = open(out / "up.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "up", "--config", str(config), *flags], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "treepo.cli", "up", "--config", str(config), *flags], cwd=ROOT,
                             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -153,7 +153,7 @@ def inject(config: Path, out: Path, steps: int) -> tuple[int, int, EmbeddedRedis
     log(f"step {learner_step(metrics)}: kill -9 actor-0")
 
     wait_step(metrics, FAULTS["buffer"], proc)
-    buffer = find(proc.pid, "launcher.cli", "buffer")
+    buffer = find(proc.pid, "treepo.cli", "buffer")
     os.kill(buffer, signal.SIGSTOP)
     log(f"step {learner_step(metrics)}: buffer stopped (SIGSTOP) for {BUFFER_OUTAGE_S:.0f} s")
     time.sleep(BUFFER_OUTAGE_S)
@@ -172,7 +172,7 @@ def inject(config: Path, out: Path, steps: int) -> tuple[int, int, EmbeddedRedis
     log(f"step {learner_step(metrics)}: kill -9 redis-server, restarted on its AOF (port {port})")
 
     wait_step(metrics, FAULTS["learner"], proc)
-    os.kill(find(proc.pid, "launcher.cli", "learner"), signal.SIGKILL)
+    os.kill(find(proc.pid, "treepo.cli", "learner"), signal.SIGKILL)
     faults += 1
     log(f"step {learner_step(metrics)}: kill -9 learner")
 

@@ -50,18 +50,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult  # noqa: E402
-from actors.prompts import load_prompts  # noqa: E402
 from actors.tree_sampler import TreePOSampler  # noqa: E402
 from learner.advantage import compute_advantages  # noqa: E402
 from learner.batch import build_sequences, pack  # noqa: E402
 from learner.engine import Learner, warmup_factor  # noqa: E402
 from learner.forward import micro_batch_loss  # noqa: E402
 from learner.loss import LossSettings  # noqa: E402
-from models.materialise import smollm2_model, tiny_model  # noqa: E402
 from protocol import Leaf, SamplingSettings, Segment, Tree  # noqa: E402
 from protocol.config.learner import LearnerConfig  # noqa: E402
 from protocol.config.prompts import PromptsConfig  # noqa: E402
 from protocol.config.rollout import RolloutConfig  # noqa: E402
+from treepo.models import smollm2_model, tiny_model  # noqa: E402
+from treepo.prompts import load_prompts  # noqa: E402
 
 # shape: model, w, l, d, learner settings beyond the defaults
 SHAPES = {"tiny": ("tiny", 8, 8, 4, {"micro_batch_tokens": 4096}),  # configs/cpu-tiny.yaml

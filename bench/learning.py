@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from bench.pipeline import wait_for_learner
-from launcher.up import launched, read_jsonl
 from protocol.config.pipeline import PipelineConfig, load_config
+from treepo.up import launched, read_jsonl
 
 VARIANTS = ("treepo", "grpo", "treerpo")
 

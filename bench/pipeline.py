@@ -2,7 +2,7 @@
 learner pinned to the other.
 
 For each schedule the bench starts what `treepo up` starts (embedded Redis, buffer, 1 actor, learner, as
-separate processes, through `launcher.up.launched`) from the same config (default configs/cpu-tiny.yaml,
+separate processes, through `treepo.up.launched`) from the same config (default configs/cpu-tiny.yaml,
 transformers engine), with `taskset`: the actor on `--actor-core`, the learner on `--learner-core`, each
 with a one-thread torch/OpenMP pool; the buffer and Redis are light and left unpinned. The learner runs
 `--warmup + --steps` steps; figures cover the `--steps` steps after the warm-up, from the end of step
@@ -41,8 +41,8 @@ from pathlib import Path
 import yaml
 
 from buffer.redis_server import free_port
-from launcher.up import Launch, launched, read_jsonl
 from protocol.config.pipeline import PipelineConfig, load_config
+from treepo.up import Launch, launched, read_jsonl
 
 
 def parse_sets(items: list[str]) -> dict:

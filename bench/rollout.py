@@ -31,12 +31,12 @@ from pathlib import Path
 
 from actors.engine import Engine
 from actors.independent_sampler import IndependentSampler
-from actors.prompts import load_prompts
 from actors.sampler_base import SamplerBase
 from actors.tree_sampler import TreePOSampler
 from protocol.config.engine import EngineConfig
 from protocol.config.prompts import PromptsConfig
 from protocol.config.rollout import RolloutConfig
+from treepo.prompts import load_prompts
 
 
 def make_engine(kind: str, model_dir: Path, args: argparse.Namespace) -> Engine:
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "treepo-bench-models"))
     args = ap.parse_args()
-    from models.materialise import smollm2_model, tiny_model
+    from treepo.models import smollm2_model, tiny_model
 
     headline: dict[str, float] = {}
     models = args.models.split(",")

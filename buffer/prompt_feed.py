@@ -1,7 +1,7 @@
 """Keeps the run's prompt queue filled from the configured prompt source, epoch after epoch.
 
 The buffer deals prompts to actors from a Redis list (`TreeStore.add_prompts` / `lease`). The
-feed reads the source rows once (`actors.prompts.raw_rows`: reasoning-gym generators or a
+feed reads the source rows once (`treepo.prompts.raw_rows`: reasoning-gym generators or a
 JSONL/Parquet file), shuffles them per epoch with `prompts.seed + epoch`, and appends the next
 rows whenever fewer than `low_water` prompts are queued, so a long run never starves and Redis
 never holds more than about two refills. Prompt ids stay the source's ids (an actor finds a
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.prompts import raw_rows
 from buffer.store import Prompt, TreeStore
 from protocol.config.prompts import PromptsConfig
+from treepo.prompts import raw_rows
 
 
 class PromptFeed:

@@ -53,6 +53,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -66,198 +67,15 @@ GROUP = "learner"
 STAGED_TTL_S = 600  # a staged blob whose script never ran (its writer died in between) expires after this
 
 # ---------------------------------------------------------------------------------------- Lua scripts
-# Every script gets P (the key prefix) as ARGV[1].
-_DISCARD_PIECES = """
--- delete the held pieces of a tree; returns how many there were
-local function discard_pieces(P, tid)
-  local pk = P..'pieces:'..tid
-  local held = 0
-  for _, key in ipairs(redis.call('HKEYS', pk)) do
-    if key ~= '#n' then redis.call('DEL', P..'piece:'..tid..':'..key) held = held + 1 end
-  end
-  redis.call('DEL', pk)
-  return held
-end
-"""
-_STORE_TREE = _DISCARD_PIECES + """
--- staged: the key holding the tree's blob; single = '1': the tree came as one new piece (admit it
--- against the cap and count the piece)
-local P, tid, staged, v, cap, single = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local gone = redis.call('GET', P..'gone:'..tid)
-local function refuse(counter, status)
-  redis.call('DEL', staged) redis.call('HINCRBY', P..'counters', counter, 1) return status
-end
-if gone == 'expired' then return refuse('refused_expired', 'expired') end
-if gone or redis.call('EXISTS', P..'tree:'..tid) == 1 then return refuse('duplicate_pieces', 'duplicate') end
-if single == '1' and tonumber(redis.call('HGET', P..'counters', 'unconsumed') or '0') >= cap then
-  return refuse('backpressure', 'backpressure')
-end
-redis.call('RENAME', staged, P..'tree:'..tid)
-redis.call('PERSIST', P..'tree:'..tid)
-redis.call('XADD', P..'stream', '*', 'tree', tid, 'v', v)
-redis.call('ZADD', P..'by_version', v, tid)
-redis.call('HINCRBY', P..'counters', 'trees_stored', 1)
-redis.call('HINCRBY', P..'counters', 'unconsumed', 1)
-if single == '1' then redis.call('HINCRBY', P..'counters', 'pieces_stored', 1) end
-discard_pieces(P, tid)
-local actor = redis.call('HGET', P..'leases', tid)
-if actor then
-  redis.call('HDEL', P..'leases', tid)
-  redis.call('HDEL', P..'lease_prompt', tid)
-  redis.call('ZREM', P..'lease_deadline', tid)
-  redis.call('SREM', P..'actor:'..actor, tid)
-  redis.call('HINCRBY', P..'counters', 'leases_completed', 1)
-end
-return 'stored'
-"""
+# buffer/lua/<name>.lua; every script gets P (the key prefix) as ARGV[1]. `discard_pieces.lua` defines a
+# function that store_tree.lua and expire.lua call, so it is prepended to them.
+LUA_DIR = Path(__file__).parent / "lua"
 
-_STORE_PIECE = """
-local P, tid, key, staged, n, cap = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local gone = redis.call('GET', P..'gone:'..tid)
-local function refuse(counter, status)
-  redis.call('DEL', staged) redis.call('HINCRBY', P..'counters', counter, 1) return {status, 0, 0}
-end
-if gone == 'expired' then return refuse('refused_expired', 'expired') end
-if gone or redis.call('EXISTS', P..'tree:'..tid) == 1 then return refuse('duplicate_pieces', 'duplicate') end
-local pk = P..'pieces:'..tid
-local status = 'stored'
-if redis.call('HEXISTS', pk, key) == 1 then
-  redis.call('DEL', staged)
-  redis.call('HINCRBY', P..'counters', 'duplicate_pieces', 1)
-  status = 'duplicate'
-else
-  if tonumber(redis.call('HGET', P..'counters', 'unconsumed') or '0') >= cap then
-    return refuse('backpressure', 'backpressure')
-  end
-  redis.call('HSET', pk, key, '1')
-  redis.call('RENAME', staged, P..'piece:'..tid..':'..key)
-  redis.call('PERSIST', P..'piece:'..tid..':'..key)
-  redis.call('HINCRBY', P..'counters', 'pieces_stored', 1)
-end
-if n > 0 then redis.call('HSET', pk, '#n', n) end
-local total = tonumber(redis.call('HGET', pk, '#n') or '0')
-local held = redis.call('HLEN', pk)
-if total > 0 then held = held - 1 end
-return {status, held, total}
-"""
 
-# ARGV: P, kind (counter to bump), retention, keep, tombstone ttl, learner version or '', then id/tree pairs.
-# An entry already counted by _CONSUME (in P trained) is not counted again.
-_ACK = """
-local P, kind, retention, keep, ttl, version = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
-local function drop(tid)
-  redis.call('DEL', P..'tree:'..tid)
-  redis.call('ZREM', P..'by_version', tid)
-  redis.call('HDEL', P..'advantages', tid)
-  redis.call('SET', P..'gone:'..tid, 'trimmed', 'EX', ttl)
-end
-local acked = 0
-for i = 7, #ARGV, 2 do
-  local id, tid = ARGV[i], ARGV[i + 1]
-  local counted = redis.call('SREM', P..'trained', id) == 1
-  if redis.call('XACK', P..'stream', 'learner', id) == 1 then
-    acked = acked + 1
-    redis.call('XDEL', P..'stream', id)
-    if not counted then
-      redis.call('HINCRBY', P..'counters', 'unconsumed', -1)
-      redis.call('HINCRBY', P..'counters', kind, 1)
-    end
-    if retention == 'trim' then
-      drop(tid)
-    elseif retention == 'keep_last' then
-      redis.call('RPUSH', P..'consumed', tid)
-      while redis.call('LLEN', P..'consumed') > keep do drop(redis.call('LPOP', P..'consumed')) end
-    end
-  end
-end
-if version ~= '' then redis.call('SET', P..'learner_version', version) end
-return acked
-"""
-
-# ARGV: P, learner version, then entry ids. Trained, not yet acknowledged (that waits for the checkpoint that
-# holds the update): out of the admission count (unconsumed) and counted as consumed, once per entry.
-_CONSUME = """
-local P, version = ARGV[1], ARGV[2]
-local n = 0
-for i = 3, #ARGV do
-  if redis.call('SADD', P..'trained', ARGV[i]) == 1 then
-    n = n + 1
-    redis.call('HINCRBY', P..'counters', 'unconsumed', -1)
-    redis.call('HINCRBY', P..'counters', 'consumed', 1)
-  end
-end
-redis.call('SET', P..'learner_version', version)
-return n
-"""
-
-# ARGV: P. A learner resumed from a checkpoint that does not hold the updates of the entries in P trained:
-# they are unconsumed again (their stream entries are still pending: they come again).
-_REOPEN = """
-local P = ARGV[1]
-local ids = redis.call('SMEMBERS', P..'trained')
-for _, id in ipairs(ids) do
-  redis.call('HINCRBY', P..'counters', 'unconsumed', 1)
-  redis.call('HINCRBY', P..'counters', 'consumed', -1)
-end
-redis.call('DEL', P..'trained')
-return #ids
-"""
-
-# ARGV: P, version. The highest policy version ever published in the run (monotonic).
-_NOTE_PUBLISHED = """
-local cur = tonumber(redis.call('GET', ARGV[1]..'version_high') or '-1')
-if tonumber(ARGV[2]) > cur then redis.call('SET', ARGV[1]..'version_high', ARGV[2]) end
-return redis.call('GET', ARGV[1]..'version_high')
-"""
-
-_LEASE = """
-local P, actor, n, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local out = {}
-for i = 1, n do
-  local pid = redis.call('LPOP', P..'prompts')
-  if not pid then break end
-  local tid = pid..'@'..redis.call('HINCRBY', P..'counters', 'leases_granted', 1)
-  redis.call('HSET', P..'leases', tid, actor)
-  redis.call('HSET', P..'lease_prompt', tid, pid)
-  redis.call('ZADD', P..'lease_deadline', deadline, tid)
-  redis.call('SADD', P..'actor:'..actor, tid)
-  out[#out + 1] = tid
-  out[#out + 1] = pid
-end
-return out
-"""
-
-_HEARTBEAT = """
-local P, actor, deadline = ARGV[1], ARGV[2], ARGV[3]
-local tids = redis.call('SMEMBERS', P..'actor:'..actor)
-for _, tid in ipairs(tids) do redis.call('ZADD', P..'lease_deadline', 'XX', deadline, tid) end
-return #tids
-"""
-
-_EXPIRE = _DISCARD_PIECES + """
-local P, now, ttl = ARGV[1], ARGV[2], ARGV[3]
-local out = {}
-for _, tid in ipairs(redis.call('ZRANGEBYSCORE', P..'lease_deadline', '-inf', now)) do
-  local pid = redis.call('HGET', P..'lease_prompt', tid)
-  local actor = redis.call('HGET', P..'leases', tid)
-  redis.call('LPUSH', P..'prompts', pid)
-  redis.call('HDEL', P..'leases', tid)
-  redis.call('HDEL', P..'lease_prompt', tid)
-  redis.call('ZREM', P..'lease_deadline', tid)
-  redis.call('SREM', P..'actor:'..actor, tid)
-  local held = discard_pieces(P, tid)
-  if held > 0 then
-    redis.call('HINCRBY', P..'counters', 'discarded_partial_trees', 1)
-    redis.call('HINCRBY', P..'counters', 'discarded_pieces', held)
-  end
-  redis.call('SET', P..'gone:'..tid, 'expired', 'EX', ttl)
-  redis.call('HINCRBY', P..'counters', 'expired_leases', 1)
-  out[#out + 1] = tid
-  out[#out + 1] = actor
-  out[#out + 1] = held
-end
-return out
-"""
+def lua(name: str, *, with_discard_pieces: bool = False) -> str:
+    """The source of buffer/lua/<name>.lua (after discard_pieces.lua's function when asked)."""
+    body = (LUA_DIR / f"{name}.lua").read_text()
+    return (LUA_DIR / "discard_pieces.lua").read_text() + body if with_discard_pieces else body
 
 
 @dataclass
@@ -317,15 +135,15 @@ class TreeStore:
         self.limits = limits or Limits()
         self._token = os.urandom(6).hex()  # staged keys of this writer
         self._staged = itertools.count()
-        self._store_tree = client.register_script(_STORE_TREE)
-        self._store_piece = client.register_script(_STORE_PIECE)
-        self._ack = client.register_script(_ACK)
-        self._consume = client.register_script(_CONSUME)
-        self._reopen = client.register_script(_REOPEN)
-        self._note_published = client.register_script(_NOTE_PUBLISHED)
-        self._lease = client.register_script(_LEASE)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._expire = client.register_script(_EXPIRE)
+        self._store_tree = client.register_script(lua("store_tree", with_discard_pieces=True))
+        self._store_piece = client.register_script(lua("store_piece"))
+        self._ack = client.register_script(lua("ack"))
+        self._consume = client.register_script(lua("consume"))
+        self._reopen = client.register_script(lua("reopen"))
+        self._note_published = client.register_script(lua("note_published"))
+        self._lease = client.register_script(lua("lease"))
+        self._heartbeat = client.register_script(lua("heartbeat"))
+        self._expire = client.register_script(lua("expire", with_discard_pieces=True))
         if not read_only:  # a reader (offline training of another run) changes nothing, not even the group
             self.ensure_group()
 

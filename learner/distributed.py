@@ -46,7 +46,7 @@ def node_command(config: str | None, learner_ranks: int, nnodes: int, node_rank:
     node 0's `master_addr:master_port`); each node runs learner_ranks / nnodes ranks. One node: `--standalone`."""
     if nnodes == 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(learner_ranks),
-                "-m", "launcher.cli", "learner", *(["--config", config] if config else [])]
+                "-m", "treepo.cli", "learner", *(["--config", config] if config else [])]
     if not master_addr:
         raise ConfigError("treepo learner --nnodes > 1 needs --master-addr (the address of node rank 0)")
     if learner_ranks % nnodes:
@@ -55,7 +55,7 @@ def node_command(config: str | None, learner_ranks: int, nnodes: int, node_rank:
         raise ConfigError(f"--node-rank {node_rank} is not in [0, {nnodes})")
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
             "--nproc-per-node", str(learner_ranks // nnodes), "--master-addr", master_addr,
-            "--master-port", str(master_port), "-m", "launcher.cli", "learner",
+            "--master-port", str(master_port), "-m", "treepo.cli", "learner",
             *(["--config", config] if config else [])]
 
 

@@ -55,13 +55,13 @@ from learner.engine import Learner
 from learner.forward import Sampling
 from learner.trained_log import TrainedLog
 from learner.weight_push import ZmqWeightPublisher
-from models import materialise_model
 from protocol.codec import decode, encode
 from protocol.config.pipeline import PipelineConfig, load_config
 from protocol.messages import SubtreeMsg
 from protocol.role_process import add_config_argument, start_role
 from protocol.tree import Tree
-from telemetry.sink import MetricsSink
+from treepo.models import materialise_model
+from treepo.telemetry import MetricsSink
 
 log = logging.getLogger("treepo.learner")
 

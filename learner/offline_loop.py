@@ -43,10 +43,10 @@ from learner.engine import Learner
 from learner.forward import Sampling
 from learner.loop import advantage_records, tree_metrics
 from learner.trained_log import TrainedLog
-from models import materialise_model
 from protocol.codec import decode
 from protocol.config.pipeline import PipelineConfig, dump_config
-from telemetry.sink import MetricsSink
+from treepo.models import materialise_model
+from treepo.telemetry import MetricsSink
 
 log = logging.getLogger("treepo.replay")
 

@@ -49,51 +49,22 @@ import collections
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zmq
 
+from learner.weight_publisher import WeightPublisher, WeightPublisherError, WeightSendTimeout
+from learner.weight_snapshot import Snapshot
 from protocol.codec import Limits, decode, encode
 from protocol.config.transport import SecurityConfig
 from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
-from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightChunk, WeightHeader
+from protocol.messages import Ack, ErrorMsg, Heartbeat, Hello, Shutdown, WeightHeader
 from protocol.security import secure_server, stop_authenticator
 from protocol.weight_layout import flatten_into, plan_chunks, plan_layout
 
 log = logging.getLogger(__name__)
-
-
-class WeightSendTimeout(TimeoutError):
-    """Weights could not be sent to (or were not acknowledged by) an actor in time."""
-
-
-class WeightPublisherError(RuntimeError):
-    """The publisher's background thread died; the cause is chained."""
-
-
-class WeightPublisher(ABC):
-    """Publishes policy versions to actors; only the newest version is ever delivered."""
-
-    @abstractmethod
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
-        """Snapshot `state_dict` as `version` (greater than the last one) and push it in the background."""
-
-    @abstractmethod
-    def wait_delivered(self, version: int, timeout_s: float, min_peers: int = 1) -> None:
-        """Block until every live actor (at least `min_peers`) holds `version`; WeightSendTimeout otherwise."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop pushing and release the sockets."""
-
-    def __enter__(self) -> WeightPublisher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def send_or_timeout(sock: zmq.Socket, frames: list[bytes | memoryview], what: str,
@@ -110,40 +81,12 @@ _SPARE_SNAPSHOTS = 2  # retired snapshots whose memory the next `publish` may re
 
 
 @dataclass(eq=False)
-class _Snapshot:
-    """One version: its encoded header, chunk ranges and flat buffer, of which the first `ready` bytes are
-    written (`publish` is still copying the rest). `trackers` tell when ZeroMQ has let go of the payload
-    frames it was sent from."""
-
-    version: int
-    header: bytes
-    chunks: list[tuple[int, int]]  # (offset, nbytes) of each chunk
-    flat: torch.Tensor
-    ready: int = 0
-    trackers: list[zmq.MessageTracker] = field(default_factory=list)
-
-    @property
-    def n_chunks(self) -> int:
-        return len(self.chunks)
-
-    def is_ready(self, index: int) -> bool:
-        offset, nbytes = self.chunks[index]
-        return offset + nbytes <= self.ready
-
-    def chunk(self, index: int) -> tuple[bytes, memoryview]:
-        """The two frames of chunk `index`: its encoded WeightChunk, and its bytes as a view of `flat`."""
-        offset, nbytes = self.chunks[index]
-        payload = memoryview(self.flat.numpy())[offset:offset + nbytes]
-        return encode(WeightChunk(version=self.version, index=index, offset=offset, nbytes=nbytes)), payload
-
-
-@dataclass(eq=False)
 class _Peer:
     identity: bytes
     name: str
     have: int
     last_seen: float
-    transfer: _Snapshot | None = None
+    transfer: Snapshot | None = None
     sent: int = 0  # chunks of the transfer sent
     acked: int = 0  # chunks of the transfer acknowledged
     last_progress: float = 0.0
@@ -170,8 +113,8 @@ class ZmqWeightPublisher(WeightPublisher):
         self._wake_tx.connect(wake)
         self._cond = threading.Condition()
         self._publish_lock = threading.Lock()
-        self._latest: _Snapshot | None = None
-        self._retired: list[_Snapshot] = []  # earlier versions, newest first, for their memory
+        self._latest: Snapshot | None = None
+        self._retired: list[Snapshot] = []  # earlier versions, newest first, for their memory
         self._peers: dict[bytes, _Peer] = {}
         self._stop = False
         self._error: BaseException | None = None
@@ -196,7 +139,7 @@ class ZmqWeightPublisher(WeightPublisher):
         chunks = plan_chunks(metas, self.cfg.chunk_bytes)
         header = encode(WeightHeader(run_id=self.run_id, version=version, tensors=metas, total_bytes=total,
                                      n_chunks=len(chunks)))
-        snap = _Snapshot(version, header, chunks, self._buffer(total))
+        snap = Snapshot(version, header, chunks, self._buffer(total))
         with self._cond:
             previous, self._latest = self._latest, snap
             retired = self._retired

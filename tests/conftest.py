@@ -15,6 +15,6 @@ pytest_plugins = [f"tests.fixtures.{p.stem}" for p in sorted((Path(__file__).par
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer, built once per test session."""
-    from models import tiny_model
+    from treepo.models import tiny_model
 
     return tiny_model(tmp_path_factory.mktemp("models") / "tiny")

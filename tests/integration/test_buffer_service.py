@@ -70,7 +70,7 @@ def start_process(cfg: PipelineConfig, tmp_path: Path) -> subprocess.Popen:
     path = tmp_path / "buffer.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     log = (tmp_path / "buffer.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "buffer", "--config", str(path)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "treepo.cli", "buffer", "--config", str(path)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -333,10 +333,10 @@ def test_an_actor_killed_mid_pool_loses_no_acknowledged_piece_and_its_leases_ret
     step 2 and p3, p4 take their slots; they end at step 4 and p5, p6 take theirs. The actor dies before step 6
     (an exception out of the pool, then no more heartbeats): the finished trees are whole in Redis, and the three
     open trees' leases (p0, p5, p6) expire, are counted, and return their prompts to the queue."""
-    from actors.prompts import PromptItem
     from actors.tree_sampler import TreePOSampler
     from protocol.config.rollout import RolloutConfig
     from tests.fixtures.engines import ScriptedEngine
+    from treepo.prompts import PromptItem
 
     cfg = make_config(redis_server.url, lease_seconds=0.6, max_staleness=4)
     store = TreeStore.from_config(redis_client, cfg)

@@ -206,8 +206,8 @@ def test_export_writes_a_row_per_leaf(redis_client, tmp_path):
 
 def test_offline_commands_on_an_embedded_redis(tmp_path, capsys):
     from buffer.redis_server import connect
-    from launcher.cli import main
     from protocol.config.pipeline import load_config
+    from treepo.cli import main
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(f"run: {{run_id: run, output_dir: {tmp_path / 'out'}}}\n")

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from actors.engine import SegmentRequest
 from actors.hf_engine import HfEngine
-from actors.prompts import PromptItem
 from actors.tree_sampler import TreePOSampler
 from protocol.config.engine import EngineConfig
 from protocol.config.rollout import RolloutConfig
+from treepo.prompts import PromptItem
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from actors.evaluate import held_out
-from actors.prompts import raw_rows
-from launcher.cli import main
 from protocol.config.pipeline import load_config
+from treepo.cli import main
+from treepo.prompts import raw_rows
 
 pytestmark = pytest.mark.integration
 

@@ -15,13 +15,13 @@ import torch
 import yaml
 
 from buffer.store import TreeStore, min_version
-from launcher.cli import main
 from learner.advantage import compute_advantages
 from protocol.codec import encode
 from protocol.config.pipeline import load_config
 from protocol.messages import SubtreeMsg
 from tests.fixtures.learner import tree_from_edges, with_policy_logprobs, worked_example_tree
 from tests.fixtures.redis import key_snapshot
+from treepo.cli import main
 
 pytestmark = pytest.mark.integration
 SOURCE = "src"

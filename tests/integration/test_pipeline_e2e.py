@@ -50,10 +50,10 @@ def run_dir(tmp_path_factory) -> Path:
     path = out / "e2e.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = open(out / "up.log", "w")
-    up = subprocess.Popen([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)], cwd=ROOT,
+    up = subprocess.Popen([sys.executable, "-m", "treepo.cli", "up", "--config", str(path)], cwd=ROOT,
                           stdout=log, stderr=subprocess.STDOUT)
     wait_for_step(out, 4, up)
-    joiner = subprocess.Popen([sys.executable, "-m", "launcher.cli", "actor", "--config", str(out / "config.yaml"),
+    joiner = subprocess.Popen([sys.executable, "-m", "treepo.cli", "actor", "--config", str(out / "config.yaml"),
                                "--actor-id", "actor-late"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     wait_for_step(out, 10, up)
     os.kill(actor_pid(out, "actor-1"), signal.SIGKILL)
@@ -141,7 +141,7 @@ def test_stored_trees_carry_versions_and_replay(run_dir):
 def test_stored_trees_train_offline_and_export_the_advantages(run_dir, tmp_path, capsys):
     """The online learner saved the advantages it trained each tree with; `treepo replay --train` trains on the
     run's first versions for 2 epochs into its own directory, and the run's keys stay byte for byte."""
-    from launcher.cli import main
+    from treepo.cli import main
 
     cfg = load_config(run_dir / "config.yaml")
     source = run_dir / "e2e.yaml"  # the config `up` was given: the run's embedded Redis, no fixed URL

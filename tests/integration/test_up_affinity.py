@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from launcher.up import Child, start_children, with_gpus
 from protocol.config.pipeline import PipelineConfig
+from treepo.up import Child, start_children, with_gpus
 
 PRINT_PINS = "import os; print(sorted(os.sched_getaffinity(0)), os.environ.get('OMP_NUM_THREADS'))"
 
@@ -38,7 +38,7 @@ def test_start_children_pins_each_role_as_asked(tmp_path):
         assert children["actor-0"].proc.args[:3] == ["taskset", "-c", "0"]
         assert children["actor-1"].proc.args[:3] == ["taskset", "-c", "0"]
         assert children["learner"].proc.args[:3] == ["taskset", "-c", "1"]
-        assert children["buffer"].proc.args[:4] == [sys.executable, "-m", "launcher.cli", "buffer"]
+        assert children["buffer"].proc.args[:4] == [sys.executable, "-m", "treepo.cli", "buffer"]
     finally:
         for child in children.values():
             child.stop(timeout_s=30)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.up import Child, Supervisor, prepare_output
 from protocol.config.pipeline import PipelineConfig
+from treepo.up import Child, Supervisor, prepare_output
 
 pytestmark = pytest.mark.integration
 

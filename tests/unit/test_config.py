@@ -1,7 +1,7 @@
 import pytest
 
-from launcher.cli import main
 from protocol.config import ConfigError, PipelineConfig, load_config
+from treepo.cli import main
 
 
 def test_defaults_are_valid_and_documented():

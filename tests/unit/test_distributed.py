@@ -24,7 +24,7 @@ def test_without_a_process_group_collectives_stay_on_cpu():
 def test_each_node_starts_its_share_of_the_ranks_at_the_master():
     assert node_command("c.yaml", 16, 2, 1, "10.0.0.7", 29600) == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8",
-        "--master-addr", "10.0.0.7", "--master-port", "29600", "-m", "launcher.cli", "learner", "--config", "c.yaml"]
+        "--master-addr", "10.0.0.7", "--master-port", "29600", "-m", "treepo.cli", "learner", "--config", "c.yaml"]
 
 
 @pytest.mark.parametrize(("ranks", "nnodes", "node_rank", "addr", "match"), [
@@ -36,5 +36,5 @@ def test_a_bad_multi_node_launch_is_refused(ranks, nnodes, node_rank, addr, matc
 
 def test_one_node_with_several_ranks_is_a_standalone_torchrun():
     assert node_command(None, 8, 1, 0, "", 29500) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "launcher.cli",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8", "-m", "treepo.cli",
         "learner"]

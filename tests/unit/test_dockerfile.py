@@ -41,7 +41,7 @@ def imported_local_packages(package: str) -> set[str]:
 
 def test_the_image_copies_every_package_the_roles_import():
     image = copied()
-    entry = {"launcher"}  # `treepo` = launcher.cli:main, which starts every role
+    entry = {"treepo"}  # `treepo` = treepo.cli:main, which starts every role
     needed, todo = set(), list(entry)
     while todo:  # the import closure of the entry point over this repository's packages
         package = todo.pop()

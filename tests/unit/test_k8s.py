@@ -10,8 +10,8 @@ import pytest
 import yaml
 import zmq
 
-from launcher.cli import SUBCOMMANDS, build_parser
 from protocol.config import load_config
+from treepo.cli import SUBCOMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30.0"

@@ -6,12 +6,12 @@ import sys
 import yaml
 import zmq
 
-from launcher.cli import main
 from protocol.codec import decode, encode
 from protocol.config import load_config
 from protocol.config.transport import SecurityConfig
 from protocol.messages import Heartbeat
 from protocol.security import is_enabled, secure_client, secure_server, stop_authenticator
+from treepo.cli import main
 
 
 def keys_yaml(capsys) -> SecurityConfig:
@@ -40,7 +40,7 @@ def test_printed_keys_secure_a_real_connection(capsys):
 
 
 def test_env_format_loads_as_config_overrides():
-    out = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "--format", "env"], check=True,
+    out = subprocess.run([sys.executable, "-m", "treepo.cli", "keys", "--format", "env"], check=True,
                          capture_output=True, text=True).stdout
     environ = dict(shlex.split(line)[0].split("=", 1) for line in out.splitlines())
     assert set(environ) == {"TREEPO_SECURITY__CURVE_PUBLIC_KEY", "TREEPO_SECURITY__CURVE_SECRET_KEY"}

@@ -3,7 +3,7 @@ import urllib.request
 
 from buffer.redis_server import free_port
 from protocol.config.pipeline import WandbConfig
-from telemetry.sink import MetricsSink
+from treepo.telemetry import MetricsSink
 
 
 def test_metrics_go_to_jsonl_and_prometheus_and_two_sinks_share_a_process(tmp_path):

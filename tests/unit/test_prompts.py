@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from actors.prompts import load_prompts
 from protocol.config.prompts import PromptsConfig
+from treepo.prompts import load_prompts
 
 ROWS = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "Half of 1?", "answer": "\\frac{1}{2}", "id": "half"}]
 

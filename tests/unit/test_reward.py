@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from actors.boxed import last_boxed
-from actors.prompts import PromptItem
 from actors.reward import RewardScorer, overlong_penalty, unboxed_answer
 from protocol.config.reward import RewardConfig
+from treepo.prompts import PromptItem
 
 
 def item(answer: str, entry: dict | None = None) -> PromptItem:

@@ -18,7 +18,6 @@ from actors.budget import (
 )
 from actors.fallback import fallback_paths, kept_segments
 from actors.independent_sampler import IndependentSampler
-from actors.prompts import PromptItem
 from actors.stop_rules import classify, is_repetitive
 from actors.tree_sampler import TreePOSampler
 from actors.tree_state import LeafRecord, Path
@@ -27,6 +26,7 @@ from protocol.config.rollout import RolloutConfig
 from protocol.tree import ROOT_ID, Tree
 from tests.factories import same
 from tests.fixtures.engines import EOS, ScriptedEngine
+from treepo.prompts import PromptItem
 
 
 def items(n: int, plen: int = 5) -> list[PromptItem]:

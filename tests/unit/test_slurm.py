@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.cli import build_parser
 from protocol.config import load_config
+from treepo.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((ROOT / "deploy" / "slurm").glob("*.sbatch"))

@@ -1,4 +1,4 @@
-from launcher.up import JsonlTail, reward_by_step
+from treepo.up import JsonlTail, reward_by_step
 
 
 def test_jsonl_tail_returns_only_new_complete_rows(tmp_path):

@@ -6,7 +6,8 @@ import torch
 import zmq
 
 from actors.weight_receiver import WeightReceiveError, ZmqWeightSubscriber
-from learner.weight_push import WeightSendTimeout, ZmqWeightPublisher, send_or_timeout
+from learner.weight_publisher import WeightSendTimeout
+from learner.weight_push import ZmqWeightPublisher, send_or_timeout
 from protocol.codec import decode, encode
 from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError

@@ -1,6 +1,6 @@
 """`treepo up`: the whole pipeline on one machine, each role its own process.
 
-Starts, in order: the model directory (built once: tiny or SmolLM2, see `models/`), Redis (the
+Starts, in order: the model directory (built once: tiny or SmolLM2, see `treepo/models.py`), Redis (the
 configured URL, or an embedded server under `<output_dir>/redis`), the buffer service,
 `run.actors` actor processes and the learner (`run.learner_ranks` DeepSpeed ranks through
 torchrun when more than one). Children get the resolved config (`<output_dir>/config.yaml`,
@@ -41,9 +41,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from buffer.redis_server import connect, die_with_parent, free_port
-from models import materialise_model
 from protocol.config import dump_config, load_config
 from protocol.config.pipeline import PipelineConfig
+from treepo.models import materialise_model
 
 console = Console()
 PLAIN_PROGRESS_S = 10.0  # seconds between plain progress lines when stdout is not a terminal
@@ -194,7 +194,7 @@ def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
     cores) to cores (see `Child`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cpus = cfg.run.cpus if cpus is None else cpus
-    py = [sys.executable, "-m", "launcher.cli"]
+    py = [sys.executable, "-m", "treepo.cli"]
     children = {"buffer": Child("buffer", py + ["buffer", "--config", str(config_path)], log_dir, env,
                                 cpus.get("buffer"))}
     for i in range(cfg.run.actors):
@@ -204,7 +204,7 @@ def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,
     learner = py + ["learner", "--config", str(config_path)]
     if cfg.run.learner_ranks > 1:
         learner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                   str(cfg.run.learner_ranks), "-m", "launcher.cli", *learner[3:]]
+                   str(cfg.run.learner_ranks), "-m", "treepo.cli", *learner[3:]]
     children["learner"] = Child("learner", learner, log_dir, with_gpus(env, cfg, "learner"), cpus.get("learner"))
     if cfg.eval.every_versions:
         children["evaluator"] = Child("evaluator", py + ["evaluator", "--config", str(config_path)], log_dir,

@@ -15,12 +15,12 @@ from importlib.metadata import version
 from protocol.config import ConfigError, config_warnings, dump_config, load_config
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("run the whole pipeline on this machine: Redis, buffer, actors, learner", "launcher.up"),
+    "up": ("run the whole pipeline on this machine: Redis, buffer, actors, learner", "treepo.up"),
     "actor": ("run one actor: lease prompts, grow trees, stream them to the buffer", "actors.loop"),
     "learner": ("run the learner: train on buffered trees, push weights, checkpoint", "learner.loop"),
     "buffer": ("run the buffer service (ZeroMQ ingest -> Redis tree store)", "buffer.service"),
     "replay": ("feed stored trees (by run, version range) to a summary, another run's learner stream, or "
-               "(--train) an offline learner", "launcher.replay"),
+               "(--train) an offline learner", "treepo.replay"),
     "export": ("write stored trees as one row per leaf (JSONL, Parquet or a HF datasets directory)",
                "buffer.export"),
     "inspect": ("print a stored tree as an indented view, or (--html) draw it on a page", "buffer.tree_view"),
@@ -28,8 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                   "actors.evaluator"),
     "eval": ("evaluate a model on the config's held-out prompts: accuracy, maj@k, pass@k, sampling cost",
              "actors.evaluate"),
-    "keys": ("generate a CURVE key pair (Z85) for the security section", "launcher.keys"),
-    "config": ("validate a config; --dry-run prints the resolved config", "launcher.cli"),
+    "keys": ("generate a CURVE key pair (Z85) for the security section", "treepo.keys"),
+    "config": ("validate a config; --dry-run prints the resolved config", "treepo.cli"),
 }
 
 

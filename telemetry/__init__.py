@@ -1,1 +1,0 @@
-"""Where every process's metrics go (JSONL, TensorBoard, Prometheus, Weights & Biases): shared by all roles."""
