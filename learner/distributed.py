@@ -1,8 +1,9 @@
 """Process-group set-up for the DeepSpeed learner, on CPU (gloo) or GPU (nccl).
 
 A process started without launcher variables becomes rank 0 of a world of 1 on a free loopback
-port. A learner across machines is one torchrun per node (`node_command`, `treepo learner --nnodes`). On a machine without CUDA, `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported. The
-CPU communication op DeepSpeed JIT-builds on first use (45-60 s) is cached under
+port. A learner across machines is one torchrun per node (`node_command`, `treepo learner --nnodes`).
+On a machine without CUDA, `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported. The CPU
+communication op DeepSpeed JIT-builds on first use (45-60 s) is cached under
 `TORCH_EXTENSIONS_DIR`, by default `<venv>/torch_extensions`, so it is built once per venv.
 """
 
@@ -44,9 +45,10 @@ def node_command(config: str | None, learner_ranks: int, nnodes: int, node_rank:
                  master_port: int) -> list[str]:
     """The torchrun command that starts this node's share of a learner spanning `nnodes` machines (rendezvous at
     node 0's `master_addr:master_port`); each node runs learner_ranks / nnodes ranks. One node: `--standalone`."""
+    learner = ["-m", "treepo.cli", "learner", *(["--config", config] if config else [])]
     if nnodes == 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(learner_ranks),
-                "-m", "treepo.cli", "learner", *(["--config", config] if config else [])]
+                *learner]
     if not master_addr:
         raise ConfigError("treepo learner --nnodes > 1 needs --master-addr (the address of node rank 0)")
     if learner_ranks % nnodes:
@@ -55,8 +57,7 @@ def node_command(config: str | None, learner_ranks: int, nnodes: int, node_rank:
         raise ConfigError(f"--node-rank {node_rank} is not in [0, {nnodes})")
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
             "--nproc-per-node", str(learner_ranks // nnodes), "--master-addr", master_addr,
-            "--master-port", str(master_port), "-m", "treepo.cli", "learner",
-            *(["--config", config] if config else [])]
+            "--master-port", str(master_port), *learner]
 
 
 def device_for_backend(backend: str) -> torch.device:

@@ -183,8 +183,7 @@ def with_gpus(env: dict[str, str], cfg: PipelineConfig, role: str, index: int = 
         tp = cfg.engine.tensor_parallel_size
         group = index % (len(ids) // tp)
         ids = ids[group * tp:(group + 1) * tp]
-    shown = ids
-    return {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in shown)}
+    return {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in ids)}
 
 
 def start_children(cfg: PipelineConfig, config_path: Path, log_dir: Path,

@@ -50,8 +50,8 @@ class RunConfig(Section):
                                "when > 1); each rank trains on its share of every batch.")
     gpus: dict[Literal["actor", "learner", "evaluator"], list[NonNegativeInt]] = Field(
         default_factory=dict, description="GPU ids `treepo up` shows each role (CUDA_VISIBLE_DEVICES): `actor`: "
-        "actor i gets the i-th group of engine.tensor_parallel_size ids (round-robin); `learner`: the ids its ranks use, rank r the r-th (at least "
-        "`learner_ranks` of them); `evaluator`: its engine's. A role not listed sees every GPU (all default to "
+        "actor i gets the i-th group of engine.tensor_parallel_size ids (round-robin); `learner`: the ids its "
+        "ranks use, rank r the r-th (at least `learner_ranks` of them); `evaluator`: its engine's. A role not listed sees every GPU (all default to "
         "GPU 0); a machine without GPUs runs the same config unchanged.")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port (0 = off).")
     metrics_host: str = Field("127.0.0.1", description="Address the Prometheus endpoints bind (0.0.0.0 in a "
