@@ -1,4 +1,5 @@
 import json
+import time
 import urllib.request
 
 from buffer.redis_server import free_port
@@ -29,6 +30,10 @@ def test_wandb_offline_run_records_the_logged_metrics(tmp_path, monkeypatch):
     sink.log(10, {"mean@4": 0.75})
     sink.close()
     (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
-    data = record.read_bytes()  # protobuf records: keys and JSON values appear as they are
+    # the W&B service process writes this file; its last flush can lag finish() (CI once read only the header)
+    deadline = time.monotonic() + 60
+    while b"eval/mean@4" not in (data := record.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # protobuf records: keys and JSON values appear as they are
     assert b"treepo-test" in data and b'{"lr":0.5}' in data
     assert data.count(b"eval/mean@4") >= 2 and b"0.25" in data and b"0.75" in data
