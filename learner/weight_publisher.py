@@ -7,9 +7,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from protocol.weight_stream import WeightSendTimeout
 
-class WeightSendTimeout(TimeoutError):
-    """Weights could not be sent to (or were not acknowledged by) an actor in time."""
+__all__ = ["WeightPublisher", "WeightPublisherError", "WeightSendTimeout"]
 
 
 class WeightPublisherError(RuntimeError):

@@ -1,6 +1,6 @@
 """One published policy version as the push streams it: a flat buffer of the weights (filled while chunks of it
-already go out), its encoded header and chunk ranges, and the trackers that tell when ZeroMQ has let go of
-its memory (so a later version may refill it)."""
+already go out), its encoded header and chunk ranges, each chunk's digest (computed once, on its first send),
+and the trackers that tell when ZeroMQ has let go of its memory (so a later version may refill it)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import zmq
 
 from protocol.codec import encode
 from protocol.messages import WeightChunk
+from protocol.weight_layout import chunk_digest
+from protocol.weight_stream import VersionSource
 
 
 @dataclass(eq=False)
-class Snapshot:
+class Snapshot(VersionSource):
     """One version: its encoded header, chunk ranges and flat buffer, of which the first `ready` bytes are
-    written (`publish` is still copying the rest). `trackers` tell when ZeroMQ has let go of the payload
-    frames it was sent from."""
+    written (`publish` is still copying the rest; -1: the copy failed and the version is withdrawn)."""
 
     version: int
     header: bytes
@@ -25,10 +26,15 @@ class Snapshot:
     flat: torch.Tensor
     ready: int = 0
     trackers: list[zmq.MessageTracker] = field(default_factory=list)
+    frames: dict[int, bytes] = field(default_factory=dict)  # encoded WeightChunk (with its digest) per index
 
     @property
     def n_chunks(self) -> int:
         return len(self.chunks)
+
+    @property
+    def withdrawn(self) -> bool:
+        return self.ready < 0
 
     def is_ready(self, index: int) -> bool:
         offset, nbytes = self.chunks[index]
@@ -38,4 +44,11 @@ class Snapshot:
         """The two frames of chunk `index`: its encoded WeightChunk, and its bytes as a view of `flat`."""
         offset, nbytes = self.chunks[index]
         payload = memoryview(self.flat.numpy())[offset:offset + nbytes]
-        return encode(WeightChunk(version=self.version, index=index, offset=offset, nbytes=nbytes)), payload
+        frame = self.frames.get(index)
+        if frame is None:
+            frame = self.frames[index] = encode(WeightChunk(version=self.version, index=index, offset=offset,
+                                                            nbytes=nbytes, digest=chunk_digest(payload)))
+        return frame, payload
+
+    def sent(self, tracker: zmq.MessageTracker) -> None:
+        self.trackers.append(tracker)

@@ -36,7 +36,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import MESSAGE_TYPES, WIRE_NAME
 from protocol.tree import SEGMENT_FINISHES, STOP_REASONS, Tree
 
-SCHEMA_VERSION = (2, 0)
+SCHEMA_VERSION = (2, 1)
 _ARRAY_EXT = 1  # msgpack ext type of an array reference into the arena
 _ARRAY_REF = struct.Struct("<BQQ")  # dtype code, offset in the arena, nbytes
 _ALIGN = 8

@@ -74,13 +74,16 @@ class WeightChunk:
     bytes (sent zero-copy from the learner's flat buffer, received straight into the actor's). A
     receiver refuses (ProtocolError) a chunk without its payload frame, a payload whose length is
     not `nbytes`, an extra frame after any message, and a chunk whose index or byte range lies
-    outside its `WeightHeader` (`protocol.weight_layout.check_chunk`).
+    outside its `WeightHeader` (`protocol.weight_layout.check_chunk`). `digest` is set by the learner and
+    forwarded unchanged by relays; a receiver whose payload does not match it counts, logs and drops the
+    partial version and fetches it again (never applies it).
     """
 
     version: int
     index: int
     offset: int
     nbytes: int
+    digest: str = ""  # xxh3-128 of the payload as hex (`protocol.weight_layout.chunk_digest`); required
 
 
 @dataclass
@@ -93,6 +96,19 @@ class Hello:
     host: str = ""
     policy_version: int = -1
     info: dict[str, str] = field(default_factory=dict)
+    relay_address: str = ""  # weights: where this actor serves versions to other actors ('' = it does not relay)
+    relay_key: str = ""  # weights: the Z85 CURVE public key of that relay ('' = security off)
+    avoid: str = ""  # weights: the relay this actor must not be fed by again (it sent a corrupt chunk)
+
+
+@dataclass
+class WeightRoute:
+    """The learner tells an actor where to take weights from: the relay at `address` (the actor `parent`,
+    whose CURVE server key is `server_key`), or, with `address` empty, the learner itself."""
+
+    address: str = ""
+    parent: str = ""
+    server_key: str = ""
 
 
 @dataclass
@@ -160,6 +176,7 @@ MESSAGE_TYPES: dict[str, type] = {
     "ack": Ack,
     "weight_header": WeightHeader,
     "weight_chunk": WeightChunk,
+    "weight_route": WeightRoute,
     "hello": Hello,
     "heartbeat": Heartbeat,
     "shutdown": Shutdown,

@@ -27,7 +27,7 @@ from protocol import (
     decode,
     encode,
 )
-from protocol.messages import MESSAGE_TYPES, PromptGrant, PromptLease, PromptRequest
+from protocol.messages import MESSAGE_TYPES, PromptGrant, PromptLease, PromptRequest, WeightRoute
 from tests.factories import example_subtree_msg, example_tree, frame, same, unframe
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -71,9 +71,11 @@ MESSAGES = {  # one strategy per message type of the schema
                                              max_size=4),
                             total_bytes=st.integers(0, 2**40), n_chunks=st.integers(0, 1000)),
     WeightChunk: st.builds(WeightChunk, version=st.integers(0, 10**6), index=st.integers(0, 1000),
-                           offset=st.integers(0, 2**40), nbytes=st.integers(0, 2**32)),
+                           offset=st.integers(0, 2**40), nbytes=st.integers(0, 2**32), digest=st.text(max_size=32)),
+    WeightRoute: st.builds(WeightRoute, address=st.text(max_size=30), parent=names, server_key=st.text(max_size=40)),
     Hello: st.builds(Hello, sender=names, role=st.sampled_from(["actor", "learner", "buffer"]), pid=st.integers(0, 2**22),
-                     info=st.dictionaries(names, st.text(max_size=8), max_size=3)),
+                     info=st.dictionaries(names, st.text(max_size=8), max_size=3), relay_address=st.text(max_size=30),
+                     relay_key=st.text(max_size=40), avoid=names),
     Heartbeat: st.builds(Heartbeat, sender=names, policy_version=st.integers(-1, 100), unix_time=st.floats(0, 2e9)),
     Shutdown: st.builds(Shutdown, sender=names, reason=st.text(max_size=20)),
     ErrorMsg: st.builds(ErrorMsg, code=names, message=st.text(max_size=30)),
@@ -115,8 +117,11 @@ def golden_messages():
         "ack": Ack(key="t0/0", ok=False, reason="stale"),
         "weight_header": WeightHeader(run_id="run", version=7, tensors=[
             TensorMeta(name="lm_head.weight", dtype="F32", shape=[4, 2], offset=0, nbytes=32)], total_bytes=32, n_chunks=1),
-        "weight_chunk": WeightChunk(version=7, index=1, offset=16, nbytes=16),  # payload: a second frame
-        "hello": Hello(sender="actor-0", role="actor", pid=42, host="h", policy_version=3, info={"engine": "vllm"}),
+        "weight_chunk": WeightChunk(version=7, index=1, offset=16, nbytes=16,  # payload: a second frame
+                                    digest="a7ba1ec8d5c27d9a8e77eb3f8b9e5a41"),
+        "weight_route": WeightRoute(address="tcp://10.0.0.7:40123", parent="actor-3", server_key="k" * 40),
+        "hello": Hello(sender="actor-0", role="actor", pid=42, host="h", policy_version=3, info={"engine": "vllm"},
+                       relay_address="tcp://10.0.0.5:40001"),
         "heartbeat": Heartbeat(sender="actor-0", policy_version=3, unix_time=1.5),
         "shutdown": Shutdown(sender="learner", reason="done"),
         "error": ErrorMsg(code="too_large", message="no"),

@@ -7,12 +7,13 @@ import zmq
 
 from actors.weight_receiver import WeightReceiveError, ZmqWeightSubscriber
 from learner.weight_publisher import WeightSendTimeout
-from learner.weight_push import ZmqWeightPublisher, send_or_timeout
+from learner.weight_push import ZmqWeightPublisher
 from protocol.codec import decode, encode
 from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Ack, ErrorMsg, Hello, Shutdown, TensorMeta, WeightChunk, WeightHeader
-from protocol.weight_layout import flatten_into, plan_layout
+from protocol.weight_layout import chunk_digest, flatten_into, plan_layout
+from protocol.weight_stream import send_or_timeout
 from tests.factories import mixed_state_dict
 
 
@@ -139,7 +140,8 @@ def test_subscriber_assembles_chunks_cut_anywhere(hand_learner):
                                                              n_chunks=len(cuts)))])
         for i, at in enumerate(cuts):
             payload = flat.numpy()[at:at + 10].tobytes()
-            router.send_multipart([identity, encode(WeightChunk(1, i, at, len(payload))), payload])
+            router.send_multipart([identity, encode(WeightChunk(1, i, at, len(payload), chunk_digest(payload))),
+                                   payload])
         wait_until(lambda: sub.versions_received == [1])
         version, got = sub.poll_latest()
         assert version == 1 and all(torch.equal(got[k], t) for k, t in sd.items())
@@ -205,7 +207,8 @@ def test_chunk_payloads_are_second_frames_holding_the_flat_buffer(publisher):
     assert isinstance(header, WeightHeader) and (header.total_bytes, header.n_chunks) == (16704, 20)
     for i, (offset, nbytes) in enumerate(expected):
         chunk = actor.recv()
-        assert chunk == WeightChunk(version=1, index=i, offset=offset, nbytes=nbytes)
+        payload = flat.numpy()[offset:offset + nbytes].tobytes()
+        assert chunk == WeightChunk(version=1, index=i, offset=offset, nbytes=nbytes, digest=chunk_digest(payload))
         actor.send(Ack(key=f"1/{i}"))
     assert b"".join(actor.payloads[(1, i)] for i in range(20)) == flat.numpy().tobytes()
     wait_until(lambda: pub.peers() == {"raw": 1})
@@ -311,7 +314,7 @@ def test_a_frame_that_once_killed_the_publisher_thread_is_refused(publisher, mon
     bad.sock.send(frame([msgpack.ExtType(1, struct.pack("<BQQ", 5, 0, 4)), 0, "ack", {"key": "k"}], bytes(8)))
     reply = bad.recv()
     assert isinstance(reply, ErrorMsg) and reply.code == "version"
-    monkeypatch.setattr(pub, "_on_ack", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(pub.server, "_on_ack", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
     bad.send(Hello(sender="bad", role="actor", policy_version=-1))
     wait_until(lambda: pub.peers() == {"bad": -1})
     bad.send(Ack(key="0/0"))
@@ -347,8 +350,8 @@ SIXTEEN = WeightHeader(run_id="", version=1, tensors=[TensorMeta("w", "F32", [4]
     ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8)), bytes(7)]], "payload frame of 7 B, the chunk says 8"),
     ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8))]], r"WeightChunk in 1 frame\(s\)"),
     ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8)), bytes(8), b"more"]], r"WeightChunk in 3 frame\(s\)"),
-    ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8)), bytes(8)], [encode(WeightChunk(1, 1, 8, 16)), bytes(16)]],
-     "outside"),
+    ([[encode(SIXTEEN)], [encode(WeightChunk(1, 0, 0, 8, chunk_digest(bytes(8)))), bytes(8)],
+      [encode(WeightChunk(1, 1, 8, 16)), bytes(16)]], "outside"),
     ([[encode(SIXTEEN), bytes(16)]], r"WeightHeader with 1 extra frame\(s\)"),
 ])
 def test_subscriber_refuses_bad_chunk_frames(messages, match, hand_learner):
