@@ -37,7 +37,7 @@ class EvaluatorLoop:
         self.cfg, self.stop = cfg, stop
         self.engine = make_engine(cfg, model_dir)
         self.evaluation = Evaluation(cfg, self.engine)
-        self.weights = ZmqWeightSubscriber(cfg.weights, "evaluator", cfg.security)
+        self.weights = ZmqWeightSubscriber(cfg.weights, "evaluator", cfg.security, relay=False)
         port = cfg.run.metrics_port + 1 if cfg.run.metrics_port else 0
         self.sink = MetricsSink(Path(cfg.run.output_dir) / "metrics", "eval", prometheus_port=port,
                                 prometheus_host=cfg.run.metrics_host, wandb=cfg.run.wandb, run_id=cfg.run.run_id)

@@ -167,6 +167,8 @@ class ActorLoop:
                                "policy_version": float(self.engine.policy_version),
                                "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
                                "buffer_timeouts": float(self.buffer_timeouts),
+                               "weight_bad_digests": float(self.weights.bad_digests),
+                               "weight_via_relay": float(bool(self.weights.parent)),
                                "generated_tokens_per_s": delta["generated_tokens"] / gen_s,
                                "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
                                **delta})

@@ -7,7 +7,8 @@ arrives, `add` for each chunk once its digest checked out (the chunk's frames ar
 the learner's digest travels unchanged, and the payload is sent zero-copy from the received frame), and
 `abandon` when the transfer is dropped before its end (children streaming it get Shutdown, drop their partial
 version and ask again; they are never handed a partial version). A complete version stays the relay's newest
-until the next one begins (and again when that one is abandoned), so a child that (re)joins late gets it.
+until the next one begins, so a child that (re)joins late gets it; once the next one begins, only the children
+still streaming the old one keep its frames alive (a relay holds about one version of memory).
 
 Security: with CURVE on, the relay is a CURVE server with this actor's own key pair (the learner tells the
 children its public key in their `WeightRoute`), accepting the clients of `security.authorized_keys`; an actor
@@ -76,27 +77,26 @@ class WeightRelay:
         self.key = security.curve_public_key  # '' when security is off
         self.socket = self.server.socket
         self.current: RelaySource | None = None  # the version being received, until complete or abandoned
-        self.complete: RelaySource | None = None  # the newest complete version
 
     def begin(self, version: int, header: bytes, n_chunks: int) -> None:
         """A new version's header arrived: serve it from now on (its chunks as they come)."""
         self.abandon()
         self.current = RelaySource(version, header, n_chunks)
-        self.server.offer(self.current)
+        self.server.offer(self.current)  # the previous version lives on only while a child still streams it
         if n_chunks == 0:
-            self.complete, self.current = self.current, None
+            self.current = None
 
     def add(self, chunk: bytes, payload: memoryview) -> None:
         """The next chunk of the current version arrived, and checked out."""
         self.current.frames.append((chunk, payload))
         if len(self.current.frames) == self.current.n_chunks:  # complete: it stays the server's newest
-            self.complete, self.current = self.current, None
+            self.current = None
 
     def abandon(self) -> None:
         """The version being received will not complete: children streaming it drop it and ask again."""
         if self.current is not None:
             self.current.withdraw()
-            self.server.offer(self.complete)
+            self.server.offer(None)
             self.current = None
 
     def on_readable(self) -> None:

@@ -286,11 +286,21 @@ class LearnerLoop:
                                                "uniform_skips": float(self.uniform_skips),
                                                "stale_drops": float(self.source.stale_drops),
                                                "lost_weights_drops": float(self.source.lost_weights),
-                                               "redis_retries": float(self.redis.client.get_retry().failures)})
+                                               "redis_retries": float(self.redis.client.get_retry().failures),
+                                               **self._weight_metrics()})
                 first = lrn.engine.global_steps - len(lrn.updates)  # DeepSpeed counts optimizer steps (checkpointed)
                 for i, update in enumerate(lrn.updates, start=1):
                     self.update_sink.log(first + i, update)
         self._finish()
+
+    def _weight_metrics(self) -> dict[str, float]:
+        """The weight push seen from rank 0: the learner's egress, actors fed through relays, failures."""
+        if self.publisher is None:
+            return {}
+        routes = self.publisher.routes()
+        return {"weight_egress_bytes": float(self.publisher.bytes_sent), "weight_actors": float(len(routes)),
+                "weight_actors_via_relay": float(sum(parent is not None for parent in routes.values())),
+                "weight_push_failures": float(self.publisher.failure_count)}
 
     def _finish(self) -> None:
         """The final checkpoint (and its acknowledgements), then the export."""
