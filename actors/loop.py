@@ -27,6 +27,7 @@ from pathlib import Path
 from actors.engine import Engine
 from actors.reward import RewardScorer
 from actors.samplers import make_sampler
+from actors.weight_broadcast_receiver import BroadcastWeightSubscriber
 from actors.weight_receiver import ZmqWeightSubscriber
 from buffer.client import BufferClient
 from protocol.config import PipelineConfig, config_warnings
@@ -72,7 +73,8 @@ class ActorLoop:
     def __init__(self, cfg: PipelineConfig, actor_id: str, model_dir: Path, stop: threading.Event):
         self.cfg, self.actor_id, self.stop = cfg, actor_id, stop
         self.engine = make_engine(cfg, model_dir)
-        self.weights = ZmqWeightSubscriber(cfg.weights, actor_id, cfg.security)
+        self.weights = (BroadcastWeightSubscriber(cfg.weights, actor_id, run_id=cfg.run.run_id)
+                        if cfg.weights.transport == "broadcast" else ZmqWeightSubscriber(cfg.weights, actor_id, cfg.security))
         self.client = BufferClient(cfg.buffer.ingest_address, actor_id, cfg.buffer, cfg.security)
         self.scorer = RewardScorer(cfg.reward, max_tokens=cfg.rollout.segment_tokens * cfg.rollout.max_depth)
         self.sampler = make_sampler(self.engine, cfg.rollout, self.scorer, run_id=cfg.run.run_id,
@@ -167,8 +169,7 @@ class ActorLoop:
                                "policy_version": float(self.engine.policy_version),
                                "weight_swaps": float(self.swaps), "weight_swap_s": self.swap_s,
                                "buffer_timeouts": float(self.buffer_timeouts),
-                               "weight_bad_digests": float(self.weights.bad_digests),
-                               "weight_via_relay": float(bool(self.weights.parent)),
+                               **self.weights.metrics(),
                                "generated_tokens_per_s": delta["generated_tokens"] / gen_s,
                                "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
                                **delta})

@@ -95,6 +95,10 @@ class WeightSubscriber(ABC):
     def close(self) -> None:
         """Stop receiving and release the socket."""
 
+    def metrics(self) -> dict[str, float]:
+        """Figures of the transport for the actor's metrics (none by default)."""
+        return {}
+
     def __enter__(self) -> WeightSubscriber:
         return self
 
@@ -159,6 +163,9 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self._thread.join()
         stop_authenticator(self._ctx)  # the relay's CURVE server started one
         self._ctx.term()
+
+    def metrics(self) -> dict[str, float]:
+        return {"weight_bad_digests": float(self.bad_digests), "weight_via_relay": float(bool(self.parent))}
 
     # --- background thread (sole user of the sockets) ----------------------------------------------
     def _dealer(self, address: str, security: SecurityConfig) -> zmq.Socket:

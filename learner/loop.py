@@ -54,6 +54,7 @@ from learner.distributed import collective_device, exit_cleanly, node_command
 from learner.engine import Learner
 from learner.forward import Sampling
 from learner.trained_log import TrainedLog
+from learner.weight_broadcast import BroadcastWeightPublisher
 from learner.weight_push import ZmqWeightPublisher
 from protocol.codec import decode, encode
 from protocol.config.pipeline import PipelineConfig, load_config
@@ -127,7 +128,7 @@ class LearnerLoop:
         resumed = (self.ckpt_dir / "latest").exists()
         saved = self.learner.load_checkpoint(self.ckpt_dir) if resumed else {}
         self.unsaved: list[tuple[str, str]] = []  # entries trained since the last checkpoint (rank 0)
-        self.source = self.publisher = self.sink = self.redis = None
+        self.source = self.publisher = self.broadcaster = self.sink = self.redis = None
         version = self.learner.policy_version
         if self.rank == 0:
             self.redis = connect(cfg, stop=stop)
@@ -136,6 +137,8 @@ class LearnerLoop:
                 version = self._resume_store(store, saved)
             self.source = BatchSource(store, "learner-0", cfg.buffer.max_staleness, cfg.buffer.claim_idle_s)
             self.publisher = ZmqWeightPublisher(cfg.weights, cfg.security, run_id=cfg.run.run_id)
+            if cfg.weights.broadcast_actors:  # co-located actors: one collective broadcast, no TCP
+                self.broadcaster = BroadcastWeightPublisher(cfg.weights, run_id=cfg.run.run_id)
             self.sink = MetricsSink(self.out / "metrics", "learner", prometheus_port=cfg.run.metrics_port,
                                     prometheus_host=cfg.run.metrics_host, wandb=cfg.run.wandb,
                                     run_id=cfg.run.run_id, config=cfg.model_dump(mode="json"))
@@ -189,6 +192,8 @@ class LearnerLoop:
                 recorded = True
             if recorded:
                 self.publisher.publish(self.learner.policy_version, weights)  # snapshots them before returning
+                if self.broadcaster is not None:
+                    self.broadcaster.publish(self.learner.policy_version, weights)
             return recorded
 
     def _checkpoint(self) -> None:
@@ -322,6 +327,8 @@ class LearnerLoop:
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
+        if self.broadcaster is not None:
+            self.broadcaster.close()
         if self.sink is not None:
             self.sink.close()
             self.update_sink.close()

@@ -4,10 +4,10 @@ model copies however many actors there are, and a version reaches N actors in ab
 
 Placement (`place`): a joining actor goes to the free slot nearest the learner: the learner's own, while it
 feeds fewer than `fanout` actors, else that of the relay of least depth (then fewest children, then
-earliest joined) outside the actor's own subtree and not in `avoid`. An actor that does not relay is always
+earliest joined) outside the actor's own subtree and not among the relays it must `avoid` (remembered). An actor that does not relay is always
 a leaf. When no slot is free (every actor refuses to relay) the learner feeds the actor itself, beyond
-`fanout`, and `overflow` counts it. When an actor leaves (`remove`) its children are placed again, each with
-its subtree. This is pure bookkeeping: `learner/weight_push.py` sends the routes it decides.
+`fanout`, and `overflow` counts it; `rebalance` moves such actors under relays once slots free up. When an
+actor leaves (`remove`) its children are placed again, each with its subtree. This is pure bookkeeping: `learner/weight_push.py` sends the routes it decides.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class _Node:
     joined: int
     parent: Hashable | None = LEARNER
     children: set[Hashable] = field(default_factory=set)
+    avoid: set[Hashable] = field(default_factory=set)  # relays that must not feed it (they sent a corrupt chunk)
 
 
 class RelayTree:
@@ -65,7 +66,8 @@ class RelayTree:
         else:
             self._detach(key)
             node.relays = relays
-        parent = self._free_slot(self.subtree(key) | set(avoid))
+        node.avoid |= set(avoid)
+        parent = self._free_slot(self.subtree(key) | node.avoid)
         if parent is LEARNER and len(self.direct) >= self.fanout:
             self.overflow += 1
         node.parent = parent
@@ -87,6 +89,21 @@ class RelayTree:
             self.nodes[child].parent = _UNPLACED
         return orphans
 
+    def rebalance(self) -> list[tuple[Hashable, Hashable]]:
+        """Move actors the learner feeds beyond `fanout` (placed when no relay slot was free) under relays that
+        have a free slot now; returns the moves as (actor, new parent), newest overflow first."""
+        moves = []
+        for key in sorted(self.direct, key=lambda k: -self.nodes[k].joined):
+            if len(self.direct) <= self.fanout:
+                break
+            parent = self._free_slot(self.subtree(key) | self.nodes[key].avoid, learner=False)
+            if parent is not LEARNER:
+                self.direct.discard(key)
+                self.nodes[key].parent = parent
+                self.nodes[parent].children.add(key)
+                moves.append((key, parent))
+        return moves
+
     def _detach(self, key: Hashable) -> None:
         parent = self.nodes[key].parent
         if parent is LEARNER:
@@ -94,8 +111,9 @@ class RelayTree:
         elif parent is not _UNPLACED:
             self.nodes[parent].children.discard(key)
 
-    def _free_slot(self, excluded: set[Hashable]) -> Hashable | None:
-        if len(self.direct) < self.fanout:
+    def _free_slot(self, excluded: set[Hashable], learner: bool = True) -> Hashable | None:
+        """The learner (if `learner` and it has a slot) or the best relay with a free slot; LEARNER if none."""
+        if learner and len(self.direct) < self.fanout:
             return LEARNER
         candidates = [(depth, len(n.children), n.joined, k) for k, n in self.nodes.items()
                       if n.relays and k not in excluded and len(n.children) < self.fanout

@@ -69,11 +69,17 @@ class _RoutingServer(WeightStreamServer):
         avoid = [k for k, p in self.peers.items() if hello.avoid and p.name == hello.avoid]
         with self.cond:
             self._route(peer.identity, self.tree.place(peer.identity, bool(hello.relay_address), avoid))
+            self._rebalance()
 
     def forgotten(self, peer: Peer) -> None:
         self.relay_of.pop(peer.identity, None)
         for orphan in self.tree.remove(peer.identity):
             self._route(orphan, self.tree.place(orphan, orphan in self.relay_of))
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        for key, parent in self.tree.rebalance():
+            self._route(key, parent)
 
     def _route(self, identity: bytes, parent: bytes | None) -> None:
         """Tell an actor where its weights come from now, if that changed (caller holds `cond`)."""

@@ -2,7 +2,11 @@
 window, timeouts.
 """
 
-from pydantic import Field
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from protocol.config.base import Section
 
@@ -31,3 +35,22 @@ class WeightsConfig(Section):
     relay_port: int = Field(0, ge=0, le=65535, description="TCP port this actor's relay binds (0 = any free port).")
     relay_host: str = Field("", description="Host name or IP other actors reach this actor's relay at; '' = this "
                             "host's address on the route to the learner.")
+    broadcast_actors: int = Field(0, ge=0, description="Learner: actors on its node that receive every version by "
+                                  "a collective broadcast (NCCL between GPUs; `broadcast_backend`) instead of the "
+                                  "ZeroMQ push; 0 = none. The learner waits for all of them to join at start.")
+    transport: Literal["zmq", "broadcast"] = Field("zmq", description="Actor: how it receives weights: `zmq` (the "
+                                                   "push and relay tree) or `broadcast` (co-located with the learner, "
+                                                   "rank `broadcast_rank` of its broadcast group).")
+    broadcast_rank: int = Field(0, ge=0, description="Actor with transport `broadcast`: its rank in the group, "
+                                "1..broadcast_actors (the learner is rank 0).")
+    broadcast_address: str = Field("127.0.0.1:29650", description="host:port of the broadcast group's TCP store, "
+                                   "hosted by the learner (one node: keep it on loopback).")
+    broadcast_backend: Literal["nccl", "gloo"] = Field("nccl", description="Collective backend of the broadcast "
+                                                       "group: nccl (GPU memory to GPU memory) or gloo (CPU).")
+
+    @model_validator(mode="after")
+    def _broadcast_rank_given(self) -> WeightsConfig:
+        if self.transport == "broadcast" and self.broadcast_rank < 1:
+            raise ValueError("weights.broadcast_rank: an actor with transport 'broadcast' needs its rank in the "
+                             "group, 1..broadcast_actors")
+        return self

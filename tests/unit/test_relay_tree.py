@@ -39,3 +39,15 @@ def test_leaves_that_do_not_relay_are_never_parents_and_overflow_is_counted():
     assert tree.place("c", relays=True) is LEARNER
     assert tree.place("d", relays=False) == "c"
     assert tree.overflow == 2
+
+
+def test_actors_fed_beyond_fanout_move_under_a_relay_once_it_has_a_slot():
+    tree = RelayTree(fanout=1)
+    assert tree.place("a", relays=True) is LEARNER
+    assert tree.place("b", relays=False) == "a"
+    assert tree.place("c", relays=False) is LEARNER  # a is full, b does not relay: overflow
+    assert tree.place("d", relays=True) is LEARNER  # overflow too: the only free relay slot would be its own
+    assert tree.rebalance() == [("c", "d")]  # d has slots now; d itself cannot move under a full tree
+    assert tree.direct == {"a", "d"} and tree.overflow == 2
+    tree.remove("b")  # a has a slot again: the learner's extra actor moves under it
+    assert tree.rebalance() == [("d", "a")] and tree.direct == {"a"} and tree.subtree("a") == {"a", "d", "c"}
