@@ -136,7 +136,7 @@ def actor_process(cfg_json: str, first: int, count: int, relays: int, tree_every
             leaf.hello(leaf.learner)
         next_tree, next_beat, n = time.monotonic() + tree_every * (idx % 16) / 16, 0.0, 0
         while not stop.is_set():
-            client.poll(0.005)  # waits on the buffer's socket: an Ack is timed when it arrives
+            client.poll(0.02)  # waits on the buffer's socket: an Ack is timed when it arrives
             if sub is not None:
                 got = sub.poll_latest()
                 if got is not None:
