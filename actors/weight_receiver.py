@@ -237,14 +237,15 @@ class ZmqWeightSubscriber(WeightSubscriber):
         if self._source is not self._learner:
             self._send(self._source, Shutdown(sender=self.actor_id, reason="closed"))
 
-    def _heartbeat(self, sock: zmq.Socket) -> None:
-        self._send(sock, Heartbeat(sender=self.actor_id, policy_version=self.have, unix_time=time.time()))
+    def _heartbeat(self, sock: zmq.Socket, counts: bool = True) -> None:
+        self._send(sock, Heartbeat(sender=self.actor_id, policy_version=self.have, unix_time=time.time(),
+                                   relay_address=self.relay.address if self.relay else "",
+                                   relay_key=self.relay.key if self.relay else ""), counts=counts)
 
     def _tell_learner(self) -> None:
         """While a relay feeds this actor, the learner still learns what it holds."""
         self._last_told = time.monotonic()
-        self._send(self._learner, Heartbeat(sender=self.actor_id, policy_version=self.have, unix_time=time.time()),
-                   counts=False)
+        self._heartbeat(self._learner, counts=False)
 
     def _on_frames(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
         """One multipart message: a WeightChunk and its payload frame, or any other message alone. A frame that
@@ -276,9 +277,11 @@ class ZmqWeightSubscriber(WeightSubscriber):
             self._reset(abandon=True)
             self._hello(self._learner, avoid=self.parent)
         elif isinstance(msg, Shutdown):  # the sender left, or forgot us: drop a partial version from it, rejoin
-            if sock is self._source:
+            if sock is self._source:  # (by Heartbeat, at once: see protocol/weight_stream.py on Hello)
                 self._reset(abandon=True)
-            self._hello(sock)
+                self._last_sent = 0.0
+            if sock is self._learner:
+                self._last_told = 0.0
         elif isinstance(msg, WeightHeader) and sock is self._source:
             self._on_header(msg, frames[0])
         elif isinstance(msg, WeightHeader):

@@ -13,13 +13,14 @@ N x 269 MB of memory here). A probe process of its own sends one tree at a time 
 send -> Ack: the buffer's latency under the load, without the simulated actors' own GIL waits (their
 acknowledgement times are printed too).
 
-Figures per N: the learner's egress per version / model bytes; time from `publish` until every actor holds the
+Side by side, the same N=64 run without fan-out (`weights.fanout` = 64: the learner feeds every actor, as
+the push did before relays). Figures per N: the learner's egress per version / model bytes; time from `publish` until every actor holds the
 version (median over the versions every actor got); the largest staleness an actor had when it sent a tree (versions published
 minus the version it held); buffer trees/s acknowledged and the send -> Ack p99; Redis memory per stored tree;
 CPU seconds per version of each process kind. Targets (issue 18): egress_over_model_n64 <= 2.0, all_hold_s_n64
 <= 3 x all_hold_s_n4, ack_p99_ms_n64 <= 20.
 
-Run: `.venv/bin/python -m bench.scale` (about 6 minutes). Prints figures, then one JSON line.
+Run: `.venv/bin/python -m bench.scale` (about 3 minutes). Prints figures, then one JSON line.
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ class LeafActor:
                     if msg.address:
                         self.hello(self.source)
                     return
-                if isinstance(msg, Shutdown):
+                if isinstance(msg, Shutdown):  # rejoin by Heartbeat, as the real receiver does
                     self.header = None
-                    self.hello(sock)
+                    self.beat(sock)
                 elif sock is not self.source:
                     continue
                 elif isinstance(msg, WeightHeader):
@@ -188,7 +189,8 @@ def probe_process(cfg_json: str, every: float, stop, out) -> None:
     out.put(lat)
 
 
-def scenario(n: int, versions: int, interval: float, tree_every: float) -> dict:
+def scenario(n: int, versions: int, interval: float, tree_every: float, fanout: int | None = None) -> dict:
+    """One run with `n` actors; `fanout` overrides the config's (n: the learner feeds every actor itself)."""
     sd = random_state_dict("135m")
     model_bytes = sum(t.numel() * t.element_size() for t in sd.values())
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as server:
@@ -196,7 +198,7 @@ def scenario(n: int, versions: int, interval: float, tree_every: float) -> dict:
             "run": {"run_id": "scale", "output_dir": tmp},
             "buffer": {"prompt_feed": False, "ingest_address": f"tcp://127.0.0.1:{free_port()}",
                        "redis_url": server.url, "retention": "keep_all"},
-            "weights": {"address": f"tcp://127.0.0.1:{free_port()}"},
+            "weights": {"address": f"tcp://127.0.0.1:{free_port()}", **({"fanout": fanout} if fanout else {})},
         })
         fanout = cfg.weights.fanout
         cfg_path = Path(tmp) / "buffer.yaml"
@@ -313,9 +315,11 @@ def main() -> None:
     ap.add_argument("--tree-every", type=float, default=4.0, help="seconds between two trees of one actor")
     args = ap.parse_args()
     rows = {}
-    for n in args.actors:
-        row = rows[n] = scenario(n, args.versions, args.interval, args.tree_every)
-        print(f"N={n:3d}: egress/model {row['egress_over_model']:.2f} per version, all hold in "
+    last = max(args.actors)
+    runs = [(n, n, None) for n in args.actors] + [("no_fanout", last, last)]  # the push before relays, side by side
+    for key, n, fanout in runs:
+        row = rows[key] = scenario(n, args.versions, args.interval, args.tree_every, fanout)
+        print(f"N={n:3d}{' without fan-out (the learner feeds all)' if fanout else ''}: egress/model {row['egress_over_model']:.2f} per version, all hold in "
               f"{row['all_hold_s']:.2f} s (median of {row['versions_all_held']}), tree depth {row['tree_depth']}, "
               f"{row['direct']} fed by the learner, max staleness {row['max_staleness']}; buffer "
               f"{row['buffer_trees_s']:.1f} trees/s, probe send->ack p50 {row['ack_p50_ms']:.1f} ms p99 "
@@ -323,10 +327,9 @@ def main() -> None:
               f"Redis {row['redis_bytes_per_tree'] / 1e3:.0f} kB/tree; bad digests {row['bad_digests']}; CPU s per "
               "version: " + ", ".join(f"{k[len('cpu_s_per_version_'):]} {v:.2f}" for k, v in row.items()
                                      if k.startswith("cpu_s_per_version_")), flush=True)
-    last = max(args.actors)
     first = min(args.actors)
-    summary = {f"{k}_n{n}": round(v, 3) if isinstance(v, float) else v for n, row in rows.items()
-               for k, v in row.items() if k not in ("n", "model_mb", "versions")}
+    summary = {f"{k}_{'n' + str(key) if isinstance(key, int) else key}": round(v, 3) if isinstance(v, float) else v
+               for key, row in rows.items() for k, v in row.items() if k not in ("n", "model_mb", "versions")}
     print(json.dumps({
         f"egress_over_model_n{last}": round(rows[last]["egress_over_model"], 3),
         f"all_hold_s_n{last}": round(rows[last]["all_hold_s"], 3), f"all_hold_s_n{first}": round(rows[first]["all_hold_s"], 3),

@@ -113,9 +113,14 @@ class WeightRoute:
 
 @dataclass
 class Heartbeat:
+    """Alive, holding `policy_version`. To a weight server that does not know the sender it is a join, so it
+    carries the sender's relay (as `Hello` does)."""
+
     sender: str
     policy_version: int = -1
     unix_time: float = 0.0
+    relay_address: str = ""
+    relay_key: str = ""
 
 
 @dataclass

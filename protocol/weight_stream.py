@@ -6,7 +6,7 @@ Wire protocol (one DEALER per receiver; every message is one `protocol.codec` fr
 which is [encoded WeightChunk, its raw payload bytes]):
 
     receiver -> server  Hello(sender, policy_version=have)     join, or abandon a transfer and ask again
-                        Heartbeat(sender, policy_version=have) alive, holds version `have`
+                        Heartbeat(sender, policy_version=have) alive, holds version `have` (unknown: join)
                         Ack(key="<version>/<index>")           chunk received: one credit back
                         Shutdown(sender)                       leaving
     server -> receiver  WeightHeader, then WeightChunk 0..n_chunks-1 (+ payload frame) of one version;
@@ -21,9 +21,10 @@ source fills while it is being sent, a relay's as chunks arrive from its own par
 Timeouts (a server never hangs on a receiver): a send that cannot proceed for `send_timeout_s`, or a
 receiver that owes credits for `send_timeout_s`, is a `WeightSendTimeout`; the receiver is dropped (it
 rejoins) and the error kept in `failures`. Idle receivers silent for `peer_timeout_s` are forgotten. A
-Heartbeat or credit from an unknown receiver is answered with Shutdown, on which a receiver drops any
-partial version and says Hello again; any other unexpected message is refused with ErrorMsg and its peer
-dropped.
+Heartbeat from an unknown receiver is a join; a credit from one is answered with Shutdown, on which a
+receiver drops any partial version and heartbeats (it does not say Hello: a Hello abandons the transfer the
+server may have started meanwhile, whose header can already be on its way); any other unexpected message is
+refused with ErrorMsg and its peer dropped.
 
 The server owns no thread: its owner polls `socket` and calls `on_readable()` and `service()` (at least
 every `tick_s()`), and guards the peer table with `cond`, which it may share with other threads.
@@ -216,7 +217,10 @@ class WeightStreamServer:
                     peer.streams = previous.streams
                 self.cond.notify_all()
             self.admit(peer, msg)
-        elif isinstance(msg, Heartbeat | Ack) and peer is None:  # dropped, or this server restarted: rejoin
+        elif isinstance(msg, Heartbeat) and peer is None:  # dropped, or this server restarted: a join
+            self._dispatch(identity, Hello(sender=msg.sender, role="actor", policy_version=msg.policy_version,
+                                           relay_address=msg.relay_address, relay_key=msg.relay_key))
+        elif isinstance(msg, Ack) and peer is None:  # a credit of a transfer this server dropped: rejoin
             self.send_nowait(identity, encode(Shutdown(sender=self.name, reason="unknown receiver: rejoin")))
         elif isinstance(msg, Heartbeat):
             peer.last_seen = now
