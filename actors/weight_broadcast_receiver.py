@@ -9,12 +9,11 @@ ZeroMQ subscriber. The learner's closing message ends the thread; an error in th
 
 from __future__ import annotations
 
-import logging
 import threading
 
 import torch
 
-from actors.weight_receiver import WeightReceiveError, WeightSubscriber
+from actors.weight_receiver import WeightSubscriber
 from protocol.codec import decode
 from protocol.config.weights import WeightsConfig
 from protocol.errors import ProtocolError
@@ -22,30 +21,14 @@ from protocol.messages import WeightHeader
 from protocol.weight_broadcast import CLOSE, BroadcastGroup
 from protocol.weight_layout import TORCH_DTYPES, check_header
 
-log = logging.getLogger(__name__)
-
 
 class BroadcastWeightSubscriber(WeightSubscriber):
     def __init__(self, cfg: WeightsConfig, actor_id: str, run_id: str = ""):
-        self.cfg, self.actor_id, self.run_id = cfg, actor_id, run_id
+        super().__init__(actor_id)
+        self.cfg, self.run_id = cfg, run_id
         self.versions_received: list[int] = []
-        self._lock = threading.Lock()
-        self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._fresh = threading.Event()
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"weight-broadcast-{actor_id}", daemon=True)
         self._thread.start()
-
-    def poll_latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        with self._lock:
-            if self._error is not None:
-                raise WeightReceiveError(f"{self.actor_id}: weight broadcast receiver stopped") from self._error
-            got, self._latest = self._latest, None
-            self._fresh.clear()
-        return got
-
-    def wait_new(self, timeout_s: float) -> bool:
-        return self._fresh.wait(timeout_s)
 
     def close(self) -> None:
         """Waits for the learner's closing message (a member cannot leave a collective group alone)."""
@@ -72,12 +55,7 @@ class BroadcastWeightSubscriber(WeightSubscriber):
                     group.broadcast(flat)
                 state_dict = {m.name: flat[m.offset:m.offset + m.nbytes].view(TORCH_DTYPES[m.dtype]).view(m.shape)
                               for m in header.tensors}
-                with self._lock:
-                    self._latest = (version, state_dict)
-                    self._fresh.set()
+                self._hand_over(version, state_dict)
                 self.versions_received.append(version)
         except BaseException as e:
-            with self._lock:
-                self._error = e
-                self._fresh.set()
-            log.error("%s stopped: %r (raised again to the caller)", threading.current_thread().name, e)
+            self._stopped(e)

@@ -81,19 +81,46 @@ class WeightReceiveError(RuntimeError):
 
 
 class WeightSubscriber(ABC):
-    """Receives policy versions in the background; the actor takes the newest between two tree steps."""
+    """Receives policy versions in the background; the actor takes the newest between two tree steps.
 
-    @abstractmethod
+    A subclass's receiving thread calls `_hand_over` with each complete version and `_stopped` with the error
+    that ended it; the base keeps only the newest version not yet taken."""
+
+    def __init__(self, actor_id: str):
+        self.actor_id = actor_id
+        self._lock = threading.Lock()
+        self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._fresh = threading.Event()  # set while `_latest` holds a version, or the thread stopped on an error
+        self._error: BaseException | None = None
+
     def poll_latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """The newest complete version not yet taken, as (version, state_dict), or None; never blocks."""
+        """The newest complete version not yet taken, as (version, state_dict), or None; never blocks. Raises
+        WeightReceiveError (cause chained) once the receiving thread stopped on an error."""
+        with self._lock:
+            if self._error is not None:
+                raise WeightReceiveError(f"{self.actor_id}: weight receiver stopped") from self._error
+            got, self._latest = self._latest, None
+            self._fresh.clear()
+        return got
 
-    @abstractmethod
     def wait_new(self, timeout_s: float) -> bool:
         """Block until a version not yet taken is complete (True) or `timeout_s` passed (False)."""
+        return self._fresh.wait(timeout_s)
 
     @abstractmethod
     def close(self) -> None:
-        """Stop receiving and release the socket."""
+        """Stop receiving and release the transport."""
+
+    def _hand_over(self, version: int, state_dict: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self._latest = (version, state_dict)
+            self._fresh.set()
+
+    def _stopped(self, error: BaseException) -> None:
+        with self._lock:
+            self._error = error
+            self._fresh.set()  # wakes a waiter, whose next poll_latest() raises
+        log.error("%s stopped: %r (raised again to the caller)", threading.current_thread().name, error)
 
     def metrics(self) -> dict[str, float]:
         """Figures of the transport for the actor's metrics (none by default)."""
@@ -112,7 +139,8 @@ class ZmqWeightSubscriber(WeightSubscriber):
     def __init__(self, cfg: WeightsConfig, actor_id: str, security: SecurityConfig | None = None,
                  have_version: int = -1, run_id: str = "", limits: Limits | None = None, relay: bool | None = None):
         """`relay`: serve received versions to other actors (default `cfg.relay`)."""
-        self.cfg, self.actor_id, self.run_id = cfg, actor_id, run_id
+        super().__init__(actor_id)
+        self.cfg, self.run_id = cfg, run_id
         self.security = security or SecurityConfig()
         self.limits = limits or Limits()
         self.have = have_version
@@ -122,10 +150,6 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self.bad_digests = 0  # chunks whose payload did not match their digest: the version was fetched again
         self.assemble_s = 0.0  # time to build the last version's state dict once its last chunk arrived
         self.parent = ""  # the relay feeding this actor ('' = the learner)
-        self._lock = threading.Lock()
-        self._latest: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._fresh = threading.Event()  # set while `_latest` holds a version, or the thread stopped on an error
-        self._error: BaseException | None = None
         self._stop = threading.Event()
         self._ctx = zmq.Context(io_threads=1)
         self._learner = self._dealer(cfg.address, self.security)
@@ -146,17 +170,6 @@ class ZmqWeightSubscriber(WeightSubscriber):
         self._lone_users = storage_users(torch.empty(1, dtype=torch.uint8))
         self._thread = threading.Thread(target=self._run, name=f"weight-receiver-{actor_id}", daemon=True)
         self._thread.start()
-
-    def poll_latest(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        with self._lock:
-            if self._error is not None:
-                raise WeightReceiveError(f"{self.actor_id}: weight receiver stopped") from self._error
-            got, self._latest = self._latest, None
-            self._fresh.clear()
-        return got
-
-    def wait_new(self, timeout_s: float) -> bool:
-        return self._fresh.wait(timeout_s)
 
     def close(self) -> None:
         self._stop.set()
@@ -179,10 +192,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         try:
             self._receive()
         except BaseException as e:
-            with self._lock:
-                self._error = e
-                self._fresh.set()  # wakes a waiter, whose next poll_latest() raises
-            log.error("%s stopped: %r (raised again to the caller)", threading.current_thread().name, e)
+            self._stopped(e)
         finally:
             if self.relay is not None:
                 self.relay.close()
@@ -344,9 +354,7 @@ class ZmqWeightSubscriber(WeightSubscriber):
         header, assembly, t0 = self._header, self._assembly, time.perf_counter()
         state_dict = assembly.state_dict()
         self.assemble_s = time.perf_counter() - t0
-        with self._lock:
-            self._latest = (header.version, state_dict)
-            self._fresh.set()
+        self._hand_over(header.version, state_dict)
         self.have = header.version
         self.versions_received.append(header.version)
         kept = _SPARE_VERSIONS * max(1, len(assembly.buffers))
