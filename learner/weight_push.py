@@ -67,9 +67,8 @@ class _RoutingServer(WeightStreamServer):
         else:
             self.relay_of.pop(peer.identity, None)
         avoid = [k for k, p in self.peers.items() if hello.avoid and p.name == hello.avoid]
-        with self.cond:
-            self._route(peer.identity, self.tree.place(peer.identity, bool(hello.relay_address), avoid))
-            self._rebalance()
+        self._route(peer.identity, self.tree.place(peer.identity, bool(hello.relay_address), avoid))
+        self._rebalance()
 
     def forgotten(self, peer: Peer) -> None:
         self.relay_of.pop(peer.identity, None)

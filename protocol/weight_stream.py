@@ -141,7 +141,8 @@ class WeightStreamServer:
 
     # --- hooks ---------------------------------------------------------------------------------------
     def admit(self, peer: Peer, hello: Hello) -> None:
-        """A receiver said Hello (new, or rejoining): a subclass may set `peer.streams` or answer it."""
+        """A receiver said Hello (new, or rejoining): a subclass may set `peer.streams` or answer it (caller holds
+        `cond`)."""
 
     def forgotten(self, peer: Peer) -> None:
         """A receiver was dropped or left (caller holds `cond`)."""
@@ -210,13 +211,13 @@ class WeightStreamServer:
         peer = self.peers.get(identity)
         if isinstance(msg, Hello):
             peer = Peer(identity, msg.sender, msg.policy_version, now)
-            with self.cond:
+            with self.cond:  # known and admitted at once, for whoever reads the peers
                 previous = self.peers.get(identity)
                 self.peers[identity] = peer
                 if previous is not None:
                     peer.streams = previous.streams
+                self.admit(peer, msg)
                 self.cond.notify_all()
-            self.admit(peer, msg)
         elif isinstance(msg, Heartbeat) and peer is None:  # dropped, or this server restarted: a join
             self._dispatch(identity, Hello(sender=msg.sender, role="actor", policy_version=msg.policy_version,
                                            relay_address=msg.relay_address, relay_key=msg.relay_key))
