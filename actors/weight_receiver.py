@@ -19,8 +19,9 @@ several chunks is copied piece by piece into a buffer of its own. The tree sampl
 between two tree steps: it returns the newest complete version not yet taken, or None, and never blocks. A
 version that arrives before the previous one was taken replaces it (an actor applies only the newest).
 
-While idle the thread heartbeats its source; a transfer that brings no chunk for `stall_timeout_s`, or a
-Shutdown from the source, drops the partial version and the actor asks again (Hello). A malformed or foreign
+While idle the thread heartbeats its source. A transfer that brings no chunk for `stall_timeout_s` is dropped
+and the actor asks again (Hello); a Shutdown from the source (it left, or forgot this actor) drops any partial
+version and the actor rejoins at once by Heartbeat (see `protocol/weight_stream.py` on why not Hello). A malformed or foreign
 message, or a refusal from the learner, stops the thread; `poll_latest()` then raises `WeightReceiveError`
 with the cause chained.
 

@@ -299,12 +299,14 @@ class LearnerLoop:
         self._finish()
 
     def _weight_metrics(self) -> dict[str, float]:
-        """The weight push seen from rank 0: the learner's egress, actors fed through relays, failures."""
+        """The weight push seen from rank 0: the learner's egress, actors fed through relays, placements the
+        learner had to take beyond `weights.fanout` for want of a relay slot, failures."""
         if self.publisher is None:
             return {}
         routes = self.publisher.routes()
         return {"weight_egress_bytes": float(self.publisher.bytes_sent), "weight_actors": float(len(routes)),
                 "weight_actors_via_relay": float(sum(parent is not None for parent in routes.values())),
+                "weight_relay_overflow": float(self.publisher.server.tree.overflow),
                 "weight_push_failures": float(self.publisher.failure_count)}
 
     def _finish(self) -> None:

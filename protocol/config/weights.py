@@ -29,7 +29,7 @@ class WeightsConfig(Section):
     fanout: int = Field(2, gt=0, description="Actors the learner streams each version to itself, and actors each "
                         "relay streams it to; the others are fed by relays (a tree of depth about log_fanout(actors)), "
                         "so the learner's egress per version is at most `fanout` model copies. Chunks stream through "
-                        "every hop as they arrive, so a deeper tree adds about one chunk of latency per hop.")
+                        "every hop as they arrive, so the hops of a deeper tree overlap.")
     relay: bool = Field(True, description="This actor serves the versions it receives to other actors (chunk by "
                         "chunk, as they arrive); false: it is only ever a leaf of the relay tree.")
     relay_port: int = Field(0, ge=0, le=65535, description="TCP port this actor's relay binds (0 = any free port).")
