@@ -198,3 +198,8 @@ def test_the_chunked_head_equals_log_softmax_and_one_pass():
     torch.testing.assert_close(out[5][1], out[64][1], rtol=0, atol=1e-12)
     for a, b in zip(out[5][2], out[64][2], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the proximal pass's path: picked log-probs only, same numbers
+        for chunk in (64, 5):
+            lp, ent = head_logprobs(head, hidden, targets, chunk)
+            assert ent is None
+            torch.testing.assert_close(lp, out[64][0], rtol=0, atol=1e-12)
