@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from actors.samplers import make_sampler
 from protocol.config import ConfigError, PipelineConfig
 from protocol.config.rollout import RolloutConfig
 from protocol.tree import Tree
+from treepo.checkpoint_export import checkpoint_step_dir, export_checkpoint, policy_version
+from treepo.models import materialise_model
 from treepo.prompts import load_prompts, raw_rows
 
 
@@ -98,7 +101,8 @@ class Evaluation:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file: its eval section (prompts, k, temperature), reward, "
                    "engine and rollout (tree settings)")
-    p.add_argument("--model", help="HF model directory to evaluate (default: <run.output_dir>/export)")
+    p.add_argument("--model", help="what to evaluate: a HF model directory (default: <run.output_dir>/export), "
+                   "a learner checkpoint (<run>/checkpoints/stepN) or a checkpoints directory (its latest)")
     p.add_argument("--sampling", choices=["sequential", "tree"], help="eval.sampling")
     p.add_argument("-k", type=int, help="samples per prompt (eval.k)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
@@ -113,22 +117,28 @@ def run(args: argparse.Namespace) -> int:
     if update:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update=update)})
     model = Path(args.model or Path(cfg.run.output_dir) / "export")
-    if not (model / "config.json").exists():
-        print(f"treepo eval: {model} is not a Hugging Face model directory (a run's `export`, or --model DIR)",
-              file=sys.stderr)
-        return 2
-    engine = make_engine(cfg, model)
-    evaluation = Evaluation(cfg, engine)
-    try:
-        metrics = evaluation.run()
-    finally:
-        evaluation.close()
-        engine.close()
+    with tempfile.TemporaryDirectory(prefix="treepo-eval-") as scratch:
+        step_dir = checkpoint_step_dir(model)
+        if step_dir is not None:  # a learner checkpoint: its weights as a model directory first
+            base = materialise_model(cfg.model, Path(cfg.run.output_dir) / "model")
+            model = export_checkpoint(step_dir, base, Path(scratch) / "model")
+        elif not (model / "config.json").exists():
+            print(f"treepo eval: {model} is neither a Hugging Face model directory (a run's `export`) nor a "
+                  f"learner checkpoint (<run>/checkpoints[/stepN])", file=sys.stderr)
+            return 2
+        engine = make_engine(cfg, model, policy_version(model))
+        evaluation = Evaluation(cfg, engine)
+        try:
+            metrics = evaluation.run()
+        finally:
+            evaluation.close()
+            engine.close()
     k = cfg.eval.k
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{model} on {metrics['all/prompts']:.0f} held-out prompts, {k} {cfg.eval.sampling} samples each: "
+        print(f"{args.model or model} (policy version {metrics['policy_version']:.0f}) on "
+              f"{metrics['all/prompts']:.0f} held-out prompts, {k} {cfg.eval.sampling} samples each: "
               f"mean@{k} {metrics[f'all/mean@{k}']:.3f}  maj@{k} {metrics[f'all/maj@{k}']:.3f}  "
               f"pass@{k} {metrics[f'all/pass@{k}']:.3f}  reward {metrics['all/reward']:+.3f}  "
               f"response {metrics['all/response_tokens']:.1f} tokens")

@@ -41,7 +41,8 @@ from treepo.telemetry import MetricsSink
 log = logging.getLogger("treepo.actor")
 
 
-def make_engine(cfg: PipelineConfig, model_dir: Path) -> Engine:
+def make_engine(cfg: PipelineConfig, model_dir: Path, policy_version: int = 0) -> Engine:
+    """The configured engine on `model_dir`, whose weights are `policy_version`."""
     if cfg.engine.kind == "vllm":
         import torch
 
@@ -50,10 +51,10 @@ def make_engine(cfg: PipelineConfig, model_dir: Path) -> Engine:
         for warning in config_warnings(cfg, gpu=torch.cuda.is_available()):
             log.warning(warning)
 
-        return VllmEngine(model_dir, cfg.engine, seed=cfg.run.seed)
+        return VllmEngine(model_dir, cfg.engine, seed=cfg.run.seed, policy_version=policy_version)
     from actors.hf_engine import HfEngine
 
-    return HfEngine(model_dir, cfg.engine)
+    return HfEngine(model_dir, cfg.engine, policy_version=policy_version)
 
 
 class _RoundRow:

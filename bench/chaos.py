@@ -7,8 +7,8 @@ given in `FAULTS` (so each lands on a working run):
 
   1. kill -9 of actor-0                       (`treepo up` restarts it)
   2. the buffer unreachable for 45 s          (SIGSTOP; then kill -9, and `treepo up` restarts it)
-  3. kill -9 of redis-server                  (restarted at once on its data directory, as an operator
-                                               or a service manager would; every client rides it out)
+  3. kill -9 of redis-server                  (`treepo up` restarts it on its port and AOF; every client
+                                               rides the outage out)
   4. kill -9 of the learner                   (`treepo up` restarts it: it resumes from its checkpoint)
   5. kill -9 of `treepo up` itself            (its children get SIGTERM, Redis stops at the same moment),
      then `treepo up --resume` runs the rest of the steps.
@@ -139,13 +139,13 @@ def wait_gone(pids: list[int], timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
-def inject(config: Path, out: Path, steps: int) -> tuple[int, int, EmbeddedRedis | None]:
-    """Faults 1-5 on a first `treepo up`; returns (faults injected, the resumed run's exit status)."""
+def inject(config: Path, out: Path, steps: int) -> tuple[int, int, int]:
+    """Faults 1-5 on a first `treepo up`; returns (faults injected, the resumed run's exit status, its last
+    learner step)."""
     cfg = load_config(str(config))
     metrics = Path(cfg.run.output_dir) / "metrics"
     proc = up(config, out)
     faults = 0
-    redis: EmbeddedRedis | None = None
 
     wait_step(metrics, FAULTS["actor"], proc)
     os.kill(find(proc.pid, "--actor-id", "actor-0"), signal.SIGKILL)
@@ -163,13 +163,11 @@ def inject(config: Path, out: Path, steps: int) -> tuple[int, int, EmbeddedRedis
 
     wait_step(metrics, FAULTS["redis"], proc)
     server = find(proc.pid, "redis-server")
-    resolved = load_config(str(Path(cfg.run.output_dir) / "config.yaml"))
-    port = int(resolved.buffer.redis_url.rsplit(":", 1)[1].split("/")[0])
     os.kill(server, signal.SIGKILL)
     wait_gone([server])
-    redis = EmbeddedRedis(Path(cfg.run.output_dir) / "redis", port=port).start()
+    restarted = find(proc.pid, "redis-server")  # by `treepo up`'s supervisor, on the same port and AOF
     faults += 1
-    log(f"step {learner_step(metrics)}: kill -9 redis-server, restarted on its AOF (port {port})")
+    log(f"step {learner_step(metrics)}: kill -9 redis-server; treepo up restarted it (pid {restarted})")
 
     wait_step(metrics, FAULTS["learner"], proc)
     os.kill(find(proc.pid, "treepo.cli", "learner"), signal.SIGKILL)
@@ -177,14 +175,12 @@ def inject(config: Path, out: Path, steps: int) -> tuple[int, int, EmbeddedRedis
     log(f"step {learner_step(metrics)}: kill -9 learner")
 
     wait_step(metrics, FAULTS["up"], proc)
-    roles = list(children_of(proc.pid))
+    children = list(children_of(proc.pid))
     os.kill(proc.pid, signal.SIGKILL)
-    redis.proc.terminate()  # it would have died with `treepo up` (PDEATHSIG), as its roles do now
     proc.wait()
     faults += 1
-    log(f"step {learner_step(metrics)}: kill -9 treepo up (its roles get SIGTERM, Redis stops with them)")
-    wait_gone(roles + [redis.proc.pid])
-    redis.proc.wait()
+    log(f"step {learner_step(metrics)}: kill -9 treepo up (its roles and Redis get SIGTERM)")
+    wait_gone(children)
 
     resumed = up(config, out, "--resume")
     log("treepo up --resume")
@@ -248,17 +244,20 @@ def fuzz_decoder(n: int = 100_000, seed: int = 0) -> int:
         TensorMeta,
         WeightChunk,
         WeightHeader,
+        WeightRoute,
     )
     from tests.factories import example_subtree_msg, frame, unframe
 
     rng = random.Random(seed)
     seeds = [encode(m) for m in (
-        example_subtree_msg(n_leaves=2, seg_tokens=3), Ack(key="k"), Hello(sender="a", role="actor", pid=1),
-        Heartbeat(sender="a"), Shutdown(sender="a"), ErrorMsg(code="c", message="m"), PromptRequest(actor_id="a"),
+        example_subtree_msg(n_leaves=2, seg_tokens=3), Ack(key="k"),
+        Hello(sender="a", role="actor", pid=1, relay_address="tcp://h:5557", relay_key="k", avoid="b"),
+        Heartbeat(sender="a", relay_address="tcp://h:5557"), Shutdown(sender="a"), ErrorMsg(code="c", message="m"), PromptRequest(actor_id="a"),
         PromptGrant(leases=[PromptLease(tree_id="t", prompt_id="p", prompt="q")]),
-        WeightChunk(version=1, index=0, offset=0, nbytes=4),
+        WeightChunk(version=1, index=0, offset=0, nbytes=4, digest="0" * 32),
         WeightHeader(run_id="r", version=1, tensors=[TensorMeta(name="w", dtype="F32", shape=[1], offset=0, nbytes=4)],
-                     total_bytes=4, n_chunks=1))]
+                     total_bytes=4, n_chunks=1),
+        WeightRoute(address="tcp://127.0.0.1:5557", parent="a", server_key="k"))]
     pool = [None, True, 2, -1, 2**64 - 1, 1.5, "x", b"y", [2], {"a": 1}, [], {},
             msgpack.ExtType(1, bytes([5]) + bytes(16)), msgpack.ExtType(1, bytes(17)), msgpack.ExtType(7, b"")]
 

@@ -184,6 +184,17 @@ class EmbeddedRedis:
     def client(self, **kw) -> redis.Redis:
         return redis_client(self.url, self.password, **kw)
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, start_timeout_s: float = 300.0) -> None:
+        """The same server again after it died: same port, password and data directory, whose AOF it replays
+        (allowed `start_timeout_s`: a long run's AOF takes a while to load); clients reconnect to it."""
+        if self.proc is not None:
+            self.proc.wait()
+        self.start_timeout_s = start_timeout_s
+        self.start()
+
     def stop(self) -> None:
         """SHUTDOWN (fsyncs the AOF) and wait for the process."""
         if self.proc is None or self.proc.poll() is not None:

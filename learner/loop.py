@@ -21,6 +21,8 @@ Exactly once: a learner that crashes resumes from its latest checkpoint, acknowl
 checkpoint lists (in case it died before doing so), and reopens the trees trained after it, which
 come again from the stream; so every stored tree within the staleness bound is trained once in the
 final model's lineage (`metrics/trained_trees.jsonl` records each step's trees, and each resume).
+Redis gone for longer than `buffer.redis_retry_s` stops the learner with a checkpoint (no step lost) and
+an error exit, which `treepo up` restarts from that checkpoint.
 Policy versions never repeat: the resumed weights are published as one past the highest version ever
 published, and trees from the lost versions in between are dropped, counted (`buffer.lineage`).
 Actors that started from the base weights, or hold lost ones, catch up before generating more.
@@ -128,6 +130,7 @@ class LearnerLoop:
         resumed = (self.ckpt_dir / "latest").exists()
         saved = self.learner.load_checkpoint(self.ckpt_dir) if resumed else {}
         self.unsaved: list[tuple[str, str]] = []  # entries trained since the last checkpoint (rank 0)
+        self.outage: Exception | None = None  # Redis was gone for good (rank 0): the run stopped on it
         self.source = self.publisher = self.broadcaster = self.sink = self.redis = None
         version = self.learner.policy_version
         if self.rank == 0:
@@ -187,7 +190,7 @@ class LearnerLoop:
             if self.publisher is None:
                 return False
             recorded = False
-            with self._outage_while_stopping():  # recorded first: a version out without the record could be reused
+            with self._redis_outage_stops():  # recorded first: a version out without the record could be reused
                 self.source.store.note_published(self.learner.policy_version)
                 recorded = True
             if recorded:
@@ -201,7 +204,7 @@ class LearnerLoop:
         the acknowledgement finds them in the checkpoint, one before the save finds them pending."""
         self.learner.save_checkpoint(self.ckpt_dir, {"acks": self.unsaved})
         if self.rank == 0:
-            with self._outage_while_stopping():
+            with self._redis_outage_stops():
                 self.source.acknowledge(self.unsaved)
             self.unsaved = []
 
@@ -258,7 +261,7 @@ class LearnerLoop:
             t0 = time.perf_counter()
             batch, uniform = (Batch(), Batch()) if self.rank == 0 else (None, None)
             if self.rank == 0:
-                with self._outage_while_stopping():
+                with self._redis_outage_stops():
                     batch, uniform = self._next_batch()
             if self._stop_requested():
                 break
@@ -273,7 +276,7 @@ class LearnerLoop:
             skipped = 0 if stepped else skipped + 1
             if self.rank == 0:
                 self.unsaved += batch.entries  # first: the final checkpoint must list them even if Redis is gone
-                with self._outage_while_stopping():
+                with self._redis_outage_stops():
                     self.source.trained(batch, lrn.policy_version)
                     self.source.store.save_advantages(advantage_records(lrn.advantages, stepped_from_version))
             published = stepped and lrn.step_count % cfg.push_every == 0 and self._publish()
@@ -315,16 +318,22 @@ class LearnerLoop:
         self.learner.export(self.out / "export")
 
     @contextmanager
-    def _outage_while_stopping(self) -> Iterator[None]:
-        """Rank 0's Redis calls: a stopping learner may find Redis stopped with it (a killed `treepo up` stops
-        every role at once; the retry then gives up within seconds, `OutageRetry`). It goes on to its final
-        checkpoint, which lists what these calls would have recorded; any other failure is raised."""
+    def _redis_outage_stops(self) -> Iterator[None]:
+        """Rank 0's Redis calls. Redis unreachable past `buffer.redis_retry_s` (`OutageRetry`) stops the learner
+        as SIGTERM does: it goes on to its final checkpoint, which lists what these calls would have recorded,
+        so no step since the last checkpoint is lost, and `run` then exits with an error (`treepo up` restarts it
+        from that checkpoint). A stopping learner may find Redis stopped with it (a killed `treepo up` stops every
+        role at once; the retry then gives up within seconds): no error. Any other failure is raised."""
         try:
             yield
         except OUTAGE_ERRORS as e:
-            if not self.stop.is_set():
-                raise
-            log.warning("stopping with Redis unreachable (%s): the final checkpoint holds what was not recorded", e)
+            if self.stop.is_set():
+                log.warning("stopping with Redis unreachable (%s): the final checkpoint holds what was not recorded", e)
+                return
+            self.outage = e
+            log.error("Redis unreachable for buffer.redis_retry_s=%g s (%s): checkpoint at step %d, then exit",
+                      self.cfg.buffer.redis_retry_s, e, self.learner.step_count)
+            self.stop.set()
 
     def close(self) -> None:
         if self.publisher is not None:
@@ -362,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
         loop.run()
     finally:
         loop.close()
+    rc = 1 if loop.outage else 0  # checkpointed, but the run is not over: `treepo up` restarts the learner
     if loop.world > 1:  # STACK.md: a clean multi-process exit on CPU
-        exit_cleanly(0)
-    return 0
+        exit_cleanly(rc)
+    return rc

@@ -40,7 +40,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from buffer.redis_server import connect, die_with_parent, free_port
+from buffer.redis_server import EmbeddedRedis, connect, die_with_parent, free_port
 from protocol.config import dump_config, load_config
 from protocol.config.pipeline import PipelineConfig
 from treepo.models import materialise_model
@@ -97,6 +97,30 @@ class Child:
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+class RedisChild:
+    """The embedded redis-server as the supervisor sees a role: restarted on its port and data directory."""
+
+    name = "redis"
+
+    def __init__(self, server: EmbeddedRedis):
+        self.server = server
+        self.restarts: list[float] = []
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.server.proc
+
+    def alive(self) -> bool:
+        return self.server.alive()
+
+    def restart(self) -> None:
+        self.restarts.append(time.monotonic())
+        self.server.restart()
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join((self.server.data_dir / "redis.log").read_text(errors="replace").splitlines()[-n:])
 
 
 class JsonlTail:
@@ -228,9 +252,10 @@ def resolve(cfg: PipelineConfig, model_dir: Path, redis_url: str) -> PipelineCon
 
 class Supervisor:
     """Restarts a role that died (`run.max_restarts` per `run.restart_window_s`, with backoff): an actor, the
-    buffer, or the learner when it failed (it resumes from its checkpoint; a learner that exits 0 has finished)."""
+    buffer, the embedded redis-server (on its AOF; the other roles ride the outage out, `buffer.redis_retry_s`),
+    or the learner when it failed (it resumes from its checkpoint; a learner that exits 0 has finished)."""
 
-    def __init__(self, cfg: PipelineConfig, children: dict[str, Child]):
+    def __init__(self, cfg: PipelineConfig, children: dict[str, Child | RedisChild]):
         self.run, self.children = cfg.run, children
         self.due: dict[str, float] = {}  # role -> when its restart is due
         self.failed: str | None = None  # a role past its restart budget: the run ends
@@ -264,10 +289,12 @@ class Supervisor:
         return sum(len(c.restarts) for c in self.children.values())
 
 
-def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) -> bool:
-    """Progress until the learner finishes; False if a role failed for good. Ctrl-C asks the learner to stop."""
+def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path,
+          redis: EmbeddedRedis | None = None) -> bool:
+    """Progress until the learner finishes; False if a role failed for good. Ctrl-C asks the learner to stop.
+    `redis`: the embedded server, supervised with the roles."""
     learner = children["learner"]
-    supervisor = Supervisor(cfg, children)
+    supervisor = Supervisor(cfg, {**children, **({"redis": RedisChild(redis)} if redis else {})})
     columns = [TextColumn("[bold]learner"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console) as progress:
@@ -275,7 +302,7 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
         learner_rows, actor_tails = JsonlTail(metrics_dir / "learner.jsonl"), {}
         eval_rows, held_out = JsonlTail(metrics_dir / "eval.jsonl"), ""
         first = last = None
-        plain_at = 0.0
+        plain_at, started = 0.0, time.monotonic()
         trees = gen_tokens = prompt_tokens = cached_tokens = 0.0
         while not (learner.proc.poll() == 0 or supervisor.failed):
             try:
@@ -309,10 +336,11 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path) ->
                         f"{int(last['policy_version'])}  idle {100 * last['idle_fraction']:.0f}%{held_out}"
                         + (f"  restarts {supervisor.restarts()}" if supervisor.restarts() else ""))
                 progress.update(task, completed=int(last["step"]), info=info)
-                if not console.is_terminal and time.monotonic() - plain_at >= PLAIN_PROGRESS_S:
-                    # no terminal (CI, nohup, a cluster's log file): the bar does not draw, a plain line does
-                    print(f"step {int(last['step'])}/{cfg.learner.max_steps}  {info}", flush=True)
-                    plain_at = time.monotonic()
+            if not console.is_terminal and time.monotonic() - plain_at >= PLAIN_PROGRESS_S:
+                # no terminal (CI, nohup, a cluster's log file): the bar does not draw, a plain line does
+                print(f"step {int(last['step'])}/{cfg.learner.max_steps}  {info}" if last is not None else
+                      f"starting: {time.monotonic() - started:.0f} s (model, engines, DeepSpeed){held_out}", flush=True)
+                plain_at = time.monotonic()
     return supervisor.failed is None
 
 
@@ -352,6 +380,7 @@ class Launch:
     cfg: PipelineConfig
     children: dict[str, Child]
     metrics_dir: Path
+    redis: EmbeddedRedis | None  # the embedded server, when the run started one
 
 
 @contextmanager
@@ -371,7 +400,7 @@ def launched(cfg: PipelineConfig, cpus: dict[str, list[int]] | None = None) -> I
         console.print(f"model {model_dir}, redis {url}, logs {log_dir}")
         children = start_children(resolved, config_path, log_dir, cpus)
         try:
-            yield Launch(resolved, children, metrics_dir)
+            yield Launch(resolved, children, metrics_dir, redis_handle.server)
         finally:  # actors first (nothing new to train), the learner (final checkpoint, acknowledgements), the
             # buffer; Redis last, when the context above exits
             # the evaluator after the learner: it evaluates the final weights it holds before it leaves
@@ -392,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{cfg.run.learner_ranks} learner rank(s), {cfg.rollout.mode} rollouts, {cfg.learner.estimator} advantages)")
     console.print(prepare_output(out, args.resume, args.fresh, args.force))
     with launched(cfg) as launch:
-        ok = watch(launch.cfg, launch.children, launch.metrics_dir)
+        ok = watch(launch.cfg, launch.children, launch.metrics_dir, launch.redis)
     rows = read_jsonl(launch.metrics_dir / "learner.jsonl")
     evals, key = read_jsonl(launch.metrics_dir / "eval.jsonl"), f"all/mean@{cfg.eval.k}"
     if not ok:

@@ -57,3 +57,35 @@ def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp
     assert main(["eval", "--config", _config(tmp_path, tiny_model_dir, size=5, seed=2), "--model",
                  str(tiny_model_dir)]) == 2
     assert "eval.prompts: no held-out prompt left" in capsys.readouterr().err
+
+
+def test_treepo_eval_takes_a_learner_checkpoint_with_its_policy_version(tiny_model_dir, tmp_path, capsys):
+    """A checkpoint (the checkpoints directory: its latest; or one step) is evaluated as the weights it holds: its
+    export equals the learner's weights, and the metrics carry its policy version (a run's export, too)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from learner.engine import Learner
+    from protocol.config.learner import LearnerConfig
+    from tests.fixtures.learner import with_policy_logprobs, worked_example_tree
+    from treepo.checkpoint_export import checkpoint_step_dir, export_checkpoint
+
+    learner = Learner(LearnerConfig(lr=1e-2, warmup_steps=0, micro_batch_tokens=64), tiny_model_dir)
+    learner.step([with_policy_logprobs(worked_example_tree(), AutoModelForCausalLM.from_pretrained(tiny_model_dir))])
+    learner.save_checkpoint(tmp_path / "checkpoints")
+    learner.export(tmp_path / "export")
+    step_dir = checkpoint_step_dir(tmp_path / "checkpoints")
+    assert step_dir == tmp_path / "checkpoints" / "step1" and checkpoint_step_dir(tiny_model_dir) is None
+    exported = load_file(export_checkpoint(step_dir, tiny_model_dir, tmp_path / "hf") / "model.safetensors")
+    trained = learner.cpu_state_dict()
+    assert not torch.equal(trained["model.norm.weight"], load_file(tiny_model_dir / "model.safetensors")["model.norm.weight"])
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert json.loads((tmp_path / "hf" / "policy.json").read_text()) == {"step": 1, "policy_version": 1}
+
+    path = _config(tmp_path, tiny_model_dir, size=4, seed=1_000_000)
+    for model in (tmp_path / "checkpoints", step_dir, tmp_path / "export"):
+        assert main(["eval", "--config", path, "--model", str(model), "-k", "2", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policy_version"] == 1.0
+    assert main(["eval", "--config", path, "--model", str(tmp_path)]) == 2
+    assert "neither a Hugging Face model directory" in capsys.readouterr().err

@@ -181,3 +181,10 @@ def test_zero3_gathers_full_weights_for_push_and_export(tiny_model_dir, tmp_path
     ids = torch.tensor([[1, 2, 3, 100, 101]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, learner.engine(input_ids=ids).logits, atol=1e-5)
+    # a ZeRO-3 checkpoint (partitioned weights) exported as a model directory holds the same weights
+    from treepo.checkpoint_export import export_checkpoint
+
+    learner.save_checkpoint(tmp_path / "ckpt")
+    restored = AutoModelForCausalLM.from_pretrained(export_checkpoint(tmp_path / "ckpt" / "step1", tiny_model_dir,
+                                                                      tmp_path / "z3-ckpt"), dtype=torch.float32)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in pushed.items())

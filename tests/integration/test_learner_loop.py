@@ -196,3 +196,49 @@ def test_a_learner_killed_after_its_checkpoint_trains_every_tree_once_and_never_
     lineage = final_lineage(tmp_path / "metrics" / "trained_trees.jsonl")
     assert [step for step, _ in lineage] == [1, 2, 3, 4, 5, 6, 7]
     assert sorted(t for _, trees in lineage for t in trees) == sorted(["a0", "a1", "a2", "a3", "a4", "a5", "fine"])
+
+
+def test_redis_gone_for_good_stops_the_learner_with_a_checkpoint_of_every_step(tiny_model_dir, tmp_path):
+    """Redis dies after step 2 (checkpoints every 100 steps) and stays down past buffer.redis_retry_s: the
+    learner stops, checkpoints step 2 and reports the outage (its process exits 1: `treepo up` restarts it).
+    Redis back on its AOF, the resumed learner starts at step 2 and acknowledges both trees (none comes again)."""
+    from buffer.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    cfg = PipelineConfig.model_validate({
+        "run": {"run_id": "gone", "output_dir": str(tmp_path / "run")},
+        "buffer": {"redis_url": server.url, "max_staleness": 8, "redis_retry_s": 1.0},
+        "weights": {"address": "tcp://127.0.0.1:*"},
+        "learner": {"prompts_per_step": 1, "max_steps": 50, "checkpoint_every": 100, "micro_batch_tokens": 64,
+                    "warmup_steps": 0},
+    })
+    store = TreeStore.from_config(server.client(), cfg)
+    _store_trees(store, "gone", [worked_example_tree(tree_id=f"g{i}") for i in range(2)])
+    stop = threading.Event()
+    loop = LearnerLoop(cfg, tiny_model_dir, stop)
+
+    def kill_after_two_steps():
+        while loop.learner.step_count < 2:
+            threading.Event().wait(0.05)
+        server.kill()
+
+    killer = threading.Thread(target=kill_after_two_steps, daemon=True)
+    killer.start()
+    try:
+        loop.run()  # waits for a third batch; Redis is gone; 1 s later the learner stops
+    finally:
+        loop.close()
+    killer.join(timeout=5)
+    assert stop.is_set() and loop.outage is not None and loop.learner.step_count == 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step2"
+    server.start()  # same port, its AOF replayed
+    try:
+        assert store.counters()["consumed"] == 2 and store.r.scard(store.key("trained")) == 2  # not acknowledged
+        second = LearnerLoop(cfg, tiny_model_dir, threading.Event())
+        try:
+            assert second.learner.step_count == 2
+            assert store.r.scard(store.key("trained")) == 0 and store.r.xlen(store.key("stream")) == 0
+        finally:
+            second.close()
+    finally:
+        server.stop()

@@ -116,6 +116,7 @@ def test_the_evaluator_logged_held_out_accuracy_by_version_and_up_printed_plain_
     assert "held-out accuracy (mean@4, 4 prompts)" in up_log
     # stdout is a file here, not a terminal: plain progress lines every few seconds
     assert sum(line.startswith("step ") for line in up_log.splitlines()) >= 3
+    assert any(line.startswith("starting: ") for line in up_log.splitlines())  # from the start, before a step
 
 
 def test_actors_joined_and_left_while_the_learner_went_on(run_dir):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from protocol.config.pipeline import PipelineConfig
-from treepo.up import Child, Supervisor, prepare_output
+from treepo.up import Child, RedisChild, Supervisor, prepare_output
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +43,31 @@ def test_a_learner_that_finished_is_not_restarted(tmp_path):
     supervisor = Supervisor(cfg, {"learner": done})
     time.sleep(0.3)
     assert supervisor.check() == [] and supervisor.check() == [] and supervisor.restarts() == 0
+
+
+def test_the_embedded_redis_is_restarted_on_its_port_and_aof(tmp_path):
+    from buffer.redis_server import EmbeddedRedis
+
+    cfg = PipelineConfig.model_validate({"run": {"restart_backoff_s": 0.1}})
+    server = EmbeddedRedis(tmp_path / "redis", password="pw").start()
+    client = server.client()
+    client.set("tree", b"stored")
+    time.sleep(1.5)  # appendfsync everysec: fsynced
+    port, first = server.port, server.proc.pid
+    supervisor = Supervisor(cfg, {"redis": RedisChild(server)})
+    server.kill()
+    said = []
+    deadline = time.monotonic() + 30
+    while not server.alive():
+        assert time.monotonic() < deadline
+        said += supervisor.check()
+        time.sleep(0.02)
+    try:
+        assert server.proc.pid != first and server.port == port and supervisor.restarts() == 1
+        assert client.get("tree") == b"stored"  # the same client reconnects; the AOF was replayed
+        assert "redis exited" in said[0] and "redis restarted" in said[-1]
+    finally:
+        server.stop()
 
 
 def test_run_directory_modes(tmp_path):
