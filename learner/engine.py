@@ -28,7 +28,6 @@ policy version. `export` writes safetensors + config + tokenizer that transforme
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -58,6 +57,7 @@ from learner.tree_attention import pad_multiple, tree_packing_refusal
 from learner.tree_layout import PackedMicroBatch, empty_packed_micro_batch, pack_units, tree_units
 from protocol.config.learner import LearnerConfig
 from protocol.tree import Tree
+from treepo.checkpoint_export import write_policy
 
 log = logging.getLogger("treepo.learner")
 
@@ -361,8 +361,7 @@ class Learner:
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
             self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
-            (tmp / "policy.json").write_text(json.dumps({"step": self.step_count,
-                                                         "policy_version": self.policy_version}))
+            write_policy(tmp, self.step_count, self.policy_version)
             old = out.with_name(f".{out.name}-old")
             if out.exists():
                 os.rename(out, old)

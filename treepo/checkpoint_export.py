@@ -57,9 +57,13 @@ def export_checkpoint(step_dir: Path, base_model: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(out)
-    (out / "policy.json").write_text(json.dumps({"step": int(states["step"]),
-                                                 "policy_version": int(states["policy_version"])}))
+    write_policy(out, int(states["step"]), int(states["policy_version"]))
     return out
+
+
+def write_policy(model_dir: Path, step: int, version: int) -> None:
+    """`policy.json`: the training step and policy version of the weights in a model directory."""
+    (model_dir / "policy.json").write_text(json.dumps({"step": step, "policy_version": version}))
 
 
 def policy_version(model_dir: Path) -> int:

@@ -102,8 +102,6 @@ class Child:
 class RedisChild:
     """The embedded redis-server as the supervisor sees a role: restarted on its port and data directory."""
 
-    name = "redis"
-
     def __init__(self, server: EmbeddedRedis):
         self.server = server
         self.restarts: list[float] = []
