@@ -109,9 +109,9 @@ class GradClipHook:
     runs after DeepSpeed has all-reduced the gradients, keeps the gradient norm and clips to `max_norm`.
 
     The clip costs one read of the gradients, not three: the norm is one BLAS dot per gradient (on CPU
-    2-3x faster than `vector_norm`'s reduction, and closer to the float64 norm), and the scaling is left to the
-    fused AdamW kernel as its `grad_scale` (the attribute torch's GradScaler sets for fused optimizers: the
-    kernel divides each gradient by it as it reads it) instead of a separate multiply pass."""
+    faster than `vector_norm`'s reduction, and closer to the float64 norm, in a one-off measurement), and the
+    scaling is left to the fused AdamW kernel as its `grad_scale` (the attribute torch's GradScaler sets for
+    fused optimizers: the kernel divides each gradient by it as it reads it) instead of a separate multiply pass."""
 
     def __init__(self, params: list[torch.nn.Parameter], max_norm: float):
         self.params, self.max_norm, self.norm = params, max_norm, 0.0
