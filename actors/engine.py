@@ -4,7 +4,18 @@ One `generate` call takes a batch of segment requests (token ids of prompt + pat
 budget, sampling settings, a seed) and returns, per request and in the same order, the sampled
 continuation, the behaviour log-prob of each sampled token (of the distribution it was sampled from:
 after temperature, top-k and top-p, `protocol.sampling`), why it stopped, and how many of its
-input tokens the engine served from a prefix cache instead of computing them.
+input tokens the engine served from a cache instead of computing them.
+
+Continuations. A request may allow the engine to keep sampling past its segment
+(`continuation_tokens`): an engine that can keep a request running (vLLM) then returns a `handle` with
+the segment, and the next call's request for the same path passes it as `continues`. The path's next
+segment then comes from the running request, whose KV cache already holds the whole path: nothing is
+re-prefilled (a new request recomputes at least the path's partial last KV block). The continuation is
+a sample of the same distribution as a new request from the same input, so a sampler lets the FIRST
+child of a path continue and starts its other children as new requests. A handle is valid for the
+next call only: a running request that call does not continue is aborted, and so is every one when
+the weights change (its segments would mix versions). Engines without running requests return no
+handle and treat every request as new.
 
 `EngineCounters` is accumulated the same way by every engine, so benchmarks compare like with like:
 processed tokens = prompt tokens not served from cache + generated tokens.
@@ -35,6 +46,8 @@ class SegmentRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
+    continuation_tokens: int = 0  # tokens the engine may sample past this segment for a continuation (0: none)
+    continues: str | None = None  # the handle of the running request whose next segment this is
 
 
 @dataclass
@@ -45,6 +58,7 @@ class SegmentResult:
     prompt_tokens: int  # len(request.token_ids)
     cached_tokens: int  # of those, served from a prefix cache
     policy_version: int  # the weights that produced this continuation
+    handle: str | None = None  # set while the request keeps running: pass it as the next request's `continues`
 
 
 @dataclass
@@ -54,6 +68,10 @@ class EngineCounters:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    continued: int = 0  # requests served by a running request (no prefill)
+    # sampled past a segment by a running request nobody continued (those received: vLLM's engine process may
+    # have sampled a few more before the abort reached it)
+    discarded_tokens: int = 0
 
     def add(self, results: Sequence[SegmentResult]) -> None:
         self.calls += 1
@@ -65,12 +83,14 @@ class EngineCounters:
 
     @property
     def processed_tokens(self) -> int:
-        """Tokens the engine actually ran through the model: uncached prompt tokens + generated ones."""
-        return self.prompt_tokens - self.cached_tokens + self.generated_tokens
+        """Tokens the engine actually ran through the model: uncached prompt tokens + generated ones (+ the
+        ones a running request sampled for a continuation that never came)."""
+        return self.prompt_tokens - self.cached_tokens + self.generated_tokens + self.discarded_tokens
 
     def as_dict(self) -> dict[str, int]:
         return {"calls": self.calls, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "generated_tokens": self.generated_tokens,
+                "continued": self.continued, "discarded_tokens": self.discarded_tokens,
                 "processed_tokens": self.processed_tokens}
 
 
@@ -96,6 +116,9 @@ class Engine(ABC):
     @abstractmethod
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks start each side cold)."""
+
+    def drop_continuations(self) -> None:
+        """Abort the requests kept running for a continuation (a sampler calls it when it stops growing)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -16,8 +16,12 @@ from actors.tree_state import Path, PromptTree
 class IndependentSampler(SamplerBase):
     mode = "independent"
 
-    def max_new_tokens(self, path: Path) -> int:
+    @property
+    def max_tokens(self) -> int:
         return self.cfg.max_depth * self.cfg.segment_tokens
+
+    def max_new_tokens(self, path: Path) -> int:
+        return self.max_tokens
 
     def first_requests(self) -> int:
         return self.cfg.width

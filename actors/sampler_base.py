@@ -6,7 +6,9 @@ A step sends every queued path of every prompt in ONE `Engine.generate` call, or
 within a prompt, by queue order (siblings are queued next to each other, so requests that share a
 prefix are adjacent: what the prefix cache wants). Each request's input is prompt + the path's
 response so far; each gets its own seed from the sampler's generator, so a run is reproducible on
-engines that honour per-request seeds. Subclasses decide how many tokens a path may add and what
+engines that honour per-request seeds. A request may run on past its segment (`max_tokens` caps the
+path), and the first child queued of a path whose request still runs continues it (`actors.engine`,
+continuations): the engine computes nothing of that path again. Subclasses decide how many tokens a path may add and what
 happens to the grown paths (`grow`).
 """
 
@@ -53,6 +55,11 @@ class SamplerBase(ABC):
     def max_new_tokens(self, path: Path) -> int:
         """Token budget of the next segment of `path`."""
 
+    @property
+    @abstractmethod
+    def max_tokens(self) -> int:
+        """The response cap of a path."""
+
     @abstractmethod
     def first_requests(self) -> int:
         """How many copies of the root a new tree queues."""
@@ -76,6 +83,13 @@ class SamplerBase(ABC):
         when no tree is open and `refill` hands in nothing."""
         slots = slots or len(items)
         open_trees = [self.start(item) for item in items]
+        try:
+            yield from self._grow(open_trees, slots, refill)
+        finally:
+            self.engine.drop_continuations()
+
+    def _grow(self, open_trees: list[PromptTree], slots: int,
+              refill: Callable[[int], list[PromptItem]] | None) -> Iterator[TreePiece]:
         while open_trees:
             grown: dict[int, list[tuple[Path, SegmentResult]]] = {id(t): [] for t in open_trees}
             for t, path, result in self.step(open_trees):
@@ -98,16 +112,24 @@ class SamplerBase(ABC):
     def step(self, trees: list[PromptTree]) -> list[tuple[PromptTree, Path, SegmentResult]]:
         """Run every queued path of every tree through the engine once; (tree, grown path, result) each."""
         jobs = [(t, p) for t in trees for p in t.queue]
-        requests = [SegmentRequest(token_ids=t.item.token_ids.tolist() + list(p.tokens),
-                                   max_new_tokens=self.max_new_tokens(p), sampling=self.params,
-                                   seed=int(self.rng.integers(2**31 - 1))) for t, p in jobs]
+        requests = []
+        for t, p in jobs:
+            budget = self.max_new_tokens(p)
+            requests.append(SegmentRequest(token_ids=t.item.token_ids.tolist() + list(p.tokens), max_new_tokens=budget,
+                                           sampling=self.params, seed=int(self.rng.integers(2**31 - 1)),
+                                           continuation_tokens=self.max_tokens - len(p.tokens) - budget,
+                                           continues=t.running.pop(p.parent, None)))
         if self.before_step is not None:
             self.before_step()
         results = self.engine.generate(requests)
         for t in trees:
-            t.queue = []
+            t.queue, t.running = [], {}
         self.steps += 1
-        return [(t, t.extend(p, r), r) for (t, p), r in zip(jobs, results, strict=True)]
+        grown = [(t, t.extend(p, r), r) for (t, p), r in zip(jobs, results, strict=True)]
+        for t, path, r in grown:
+            if r.handle is not None:
+                t.running[path.parent] = r.handle
+        return grown
 
     def text(self, path: Path) -> str:
         return self.engine.decode(path.tokens)

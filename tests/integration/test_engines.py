@@ -59,6 +59,37 @@ def test_vllm_siblings_hit_the_prefix_cache_and_logprobs_match(vllm_engine, refe
     assert after["generated_tokens"] - before["generated_tokens"] == sum(len(r.token_ids) for r in first + nxt)
 
 
+def test_vllm_continuation_is_the_uncut_request_and_recomputes_nothing(vllm_engine, tiny_model_dir, reference):
+    """A request cut after 10 tokens and continued for 10 more gives the tokens and log-probs of one uncut
+    20-token request with its seed, serves the whole path from its running request, and a running request
+    nobody continues is aborted at the next call."""
+    eng = vllm_engine
+    whole = eng.generate([SegmentRequest(PROMPT, 20, seed=11)])[0]
+    assert whole.handle is None and len(whole.token_ids) == 20  # the tiny model does not sample its EOS here
+    first, other = eng.generate([SegmentRequest(PROMPT, 10, seed=11, continuation_tokens=30),
+                                 SegmentRequest(PROMPT, 10, seed=12, continuation_tokens=30)])
+    assert first.handle is not None and other.handle is not None and first.finish == "length"
+    path = PROMPT + first.token_ids
+    before = eng.counters.as_dict()
+    with pytest.raises(ValueError, match="handed out"):
+        eng.generate([SegmentRequest(path[:-1], 10, continues=first.handle)])
+    assert eng.counters.as_dict() == before  # refused before anything ran; `other` still runs
+    nxt, sibling = eng.generate([SegmentRequest(path, 10, seed=99, continuation_tokens=20, continues=first.handle),
+                                 SegmentRequest(path, 10, seed=13)])
+    after = eng.counters.as_dict()
+    assert first.token_ids + nxt.token_ids == whole.token_ids
+    assert first.logprobs + nxt.logprobs == pytest.approx(whole.logprobs, abs=1e-5)
+    assert nxt.cached_tokens == nxt.prompt_tokens == len(path) and nxt.handle == first.handle
+    assert sibling.cached_tokens == (len(path) - 1) // 32 * 32 and sibling.handle is None
+    assert after["continued"] - before["continued"] == 1
+    assert eng.llm.llm_engine.get_num_unfinished_requests() == 1  # `other` was aborted, `first` runs on
+    assert max_logprob_error(reference, path, nxt.token_ids, nxt.logprobs) < 1e-4
+    eng.load_weights(load_file(str(tiny_model_dir / "model.safetensors")), 0)  # drops the running request
+    assert eng.llm.llm_engine.get_num_unfinished_requests() == 0
+    again = eng.generate([SegmentRequest(path + nxt.token_ids, 5, seed=14, continues=nxt.handle)])[0]
+    assert eng.counters.continued == after["continued"] and again.cached_tokens < again.prompt_tokens
+
+
 def test_vllm_load_weights_matches_new_weights(vllm_engine, tiny_model_dir, reference):
     eng = vllm_engine
     old = load_file(str(tiny_model_dir / "model.safetensors"))

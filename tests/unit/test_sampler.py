@@ -356,3 +356,30 @@ def test_without_refill_the_trees_grow_as_before():
     eng = ScriptedEngine()
     trees = TreePOSampler(eng, cfg()).sample(items(3))
     assert queue_sizes(eng) == [6, 12, 24, 48, 48, 48] and all(len(t.leaves) == 16 for t in trees)
+
+
+@pytest.mark.parametrize("sampler_cls", [TreePOSampler, TreeRPOSampler])
+def test_the_first_child_of_a_path_continues_its_running_request(sampler_cls):
+    """On an engine that keeps requests running, every path that goes on is continued by exactly one child
+    (the first queued), its other children and the fallbacks are new requests, no handle outlives the next
+    call, and the trees are the ones grown without continuations."""
+    c = cfg(width=8, max_depth=4, treerpo_depth=3, treerpo_children=2, treerpo_step_tokens=4)
+    stops = lambda r, g: g.random() < 0.2  # noqa: E731
+    plain, running = ScriptedEngine(stops=stops, seed=7, boxed=True), ScriptedEngine(stops=stops, seed=7, boxed=True,
+                                                                                     handles=True)
+    want = sampler_cls(plain, c, seed=1).sample(items(6))
+    got = sampler_cls(running, c, seed=1).sample(items(6))
+    assert all(same(a, b) for a, b in zip(want, got, strict=True))
+    continued = 0
+    for prev_call, prev_results, call in zip(running.calls, running.results, running.calls[1:]):
+        grown = {tuple(q.token_ids) + tuple(r.token_ids): r.handle for q, r in zip(prev_call, prev_results, strict=True)
+                 if r.handle is not None}
+        claims = {tuple(r.token_ids): r.continues for r in call if r.continues is not None}
+        going_on = {tuple(r.token_ids) for r in call} & grown.keys()
+        assert claims == {k: grown[k] for k in going_on}  # one child of each path that goes on, with its handle
+        for i, r in enumerate(call):  # ... the first queued
+            if r.continues is not None:
+                assert all(q.token_ids != r.token_ids for q in call[:i])
+        continued += len(claims)
+    assert continued > 0
+    assert sum(map(len, running.calls)) == sum(map(len, plain.calls))
