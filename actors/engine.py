@@ -117,6 +117,7 @@ class Engine(ABC):
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks start each side cold)."""
 
+    @abstractmethod
     def drop_continuations(self) -> None:
         """Abort the requests kept running for a continuation (a sampler calls it when it stops growing)."""
 

@@ -198,5 +198,8 @@ class HfEngine(Engine):
     def clear_prefix_cache(self) -> None:
         self._kept = {}
 
+    def drop_continuations(self) -> None:
+        """It keeps no request running: a path's next segment reuses the kept cache of its last one."""
+
     def close(self) -> None:
         self._kept = {}

@@ -104,6 +104,9 @@ class RandomEngine(Engine):
     def clear_prefix_cache(self) -> None:
         """It caches nothing."""
 
+    def drop_continuations(self) -> None:
+        """It keeps no request running."""
+
     def close(self) -> None:
         """Nothing to release."""
 

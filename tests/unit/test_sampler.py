@@ -371,7 +371,7 @@ def test_the_first_child_of_a_path_continues_its_running_request(sampler_cls):
     got = sampler_cls(running, c, seed=1).sample(items(6))
     assert all(same(a, b) for a, b in zip(want, got, strict=True))
     continued = 0
-    for prev_call, prev_results, call in zip(running.calls, running.results, running.calls[1:]):
+    for prev_call, prev_results, call in zip(running.calls, running.results, running.calls[1:], strict=False):
         grown = {tuple(q.token_ids) + tuple(r.token_ids): r.handle for q, r in zip(prev_call, prev_results, strict=True)
                  if r.handle is not None}
         claims = {tuple(r.token_ids): r.continues for r in call if r.continues is not None}
