@@ -6,10 +6,10 @@ A step sends every queued path of every prompt in ONE `Engine.generate` call, or
 within a prompt, by queue order (siblings are queued next to each other, so requests that share a
 prefix are adjacent: what the prefix cache wants). Each request's input is prompt + the path's
 response so far; each gets its own seed from the sampler's generator, so a run is reproducible on
-engines that honour per-request seeds. A request may run on past its segment (`max_tokens` caps the
-path), and the first child queued of a path whose request still runs continues it (`actors.engine`,
-continuations): the engine computes nothing of that path again. Subclasses decide how many tokens a path may add and what
-happens to the grown paths (`grow`).
+engines that honour per-request seeds. A request may run on past its segment (up to `max_tokens`, the
+path's cap), and the first child queued of a path whose request still runs continues it
+(`actors.engine`, continuations): the engine computes nothing of that path again. Subclasses decide
+how many tokens a path may add and what happens to the grown paths (`grow`).
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ last block a new request would recompute (up to block_size - 1 tokens per path a
 recomputed, and neither is anything else of the path.
 
 Weights are replaced in place (STACK.md), after the requests kept running for a continuation are
-aborted (a segment comes from one version, and vLLM resets no cache blocks in use): the new state dict is written as one safetensors file in
-a private folder, every worker reloads from it (`collective_rpc("reload_weights", ...)`, which
-re-packs the CPU linear layers), a tied lm_head is re-tied to the new embedding (the reload leaves
-it on the old tensor, and on CPU its GEMM closes over that tensor), then the prefix cache is reset, without which prefixes computed by
-the old weights would be reused. Building `LLM` spawns the engine process: callers need an
+aborted (a segment comes from one version, and vLLM resets no cache blocks in use): the new state
+dict is written as one safetensors file in a private folder, every worker reloads from it
+(`collective_rpc("reload_weights", ...)`, which re-packs the CPU linear layers), a tied lm_head is
+re-tied to the new embedding (the reload leaves it on the old tensor, and on CPU its GEMM closes over
+that tensor), then the prefix cache is reset, without which prefixes computed by the old weights
+would be reused. Building `LLM` spawns the engine process: callers need an
 `if __name__ == "__main__":` guard.
 """
 
@@ -93,17 +94,13 @@ class _Running:
     """A vLLM request the engine drives: the tokens it sampled and has not handed out yet, and its end."""
 
     rid: str
-    prompt_len: int
+    handed_out: int  # prompt + every token returned in a segment so far
     continuable: bool  # asked for more than its first segment
-    handed_out: int = 0  # prompt + every token returned in a segment so far
     cached_tokens: int = 0  # of the prompt, served from the prefix cache
     budget: int = 0  # tokens of the segment being sampled
     tokens: list[int] = field(default_factory=list)  # sampled, not handed out yet
     logprobs: list[float] = field(default_factory=list)
     finish: Finish | None = None  # how vLLM ended the request (None: running)
-
-    def __post_init__(self) -> None:
-        self.handed_out = self.prompt_len
 
     def take(self, out) -> None:
         comp = out.outputs[0]
@@ -212,7 +209,7 @@ class VllmEngine(Engine):
                                 output_kind=RequestOutputKind.DELTA)
         rid = str(next(self._request_ids))  # the external id: vLLM's outputs and aborts use it
         self.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=list(r.token_ids)), params)
-        run = _Running(rid=rid, prompt_len=len(r.token_ids), continuable=r.continuation_tokens > 0)
+        run = _Running(rid=rid, handed_out=len(r.token_ids), continuable=r.continuation_tokens > 0)
         self._running[rid] = run
         return run
 
