@@ -56,7 +56,7 @@ class SegmentResult:
     logprobs: list[float]  # behaviour log-prob of each sampled token
     finish: Finish
     prompt_tokens: int  # len(request.token_ids)
-    cached_tokens: int  # of those, served from a prefix cache
+    cached_tokens: int  # of those, served from a cache: the prefix cache, or (a continuation) the request's own KV
     policy_version: int  # the weights that produced this continuation
     handle: str | None = None  # set while the request keeps running: pass it as the next request's `continues`
 

@@ -39,7 +39,7 @@ def test_treepo_eval_reports_accuracy_and_sampling_cost(tiny_model_dir, tmp_path
     # every sample's tokens were generated, and the engine's work is counted
     assert m["engine/generated_tokens"] >= 6 * 4 * m["all/response_tokens"] * (0.99 if sampling == "sequential" else 0.5)
     assert m["engine/processed_tokens"] == (m["engine/prompt_tokens"] - m["engine/cached_tokens"]
-                                            + m["engine/generated_tokens"])
+                                            + m["engine/generated_tokens"] + m["engine/discarded_tokens"])
     assert main(["eval", "--config", path, "--model", str(tiny_model_dir), "--sampling", sampling, "-k", "2"]) == 0
     assert f"2 {sampling} samples each: mean@2" in capsys.readouterr().out
 
