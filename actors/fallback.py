@@ -1,6 +1,7 @@
 """TreePO fallback (ALGORITHMS.md §1.3.5): re-branch a prompt whose paths all ended short of w leaves.
 
-Triggered by the sampler when a prompt has no queued request and F < w. With r = w - F:
+Triggered by the sampler when a group of a prompt's paths comes back with no active path and F < w. With
+r = w - F (nothing else in flight) or the ended paths' share (`actors.tree_sampler`):
 - candidates (leaves to re-branch from), by policy:
   soft_boxed_and_eos: leaves that ended "finished" or "eos", shuffled;
   finished_first: all leaves, ordered by log(priority) + Gumbel noise (sampling without replacement
@@ -51,9 +52,10 @@ def kept_segments(cfg: RolloutConfig, path: Path, rng: np.random.Generator) -> i
     return min(n_blk - k, cfg.max_depth - 1)
 
 
-def fallback_paths(cfg: RolloutConfig, leaves: list[LeafRecord], rng: np.random.Generator) -> list[Path]:
-    """The requests a prompt with F = len(leaves) < w and nothing queued restarts with."""
-    r = cfg.width - len(leaves)
+def fallback_paths(cfg: RolloutConfig, leaves: list[LeafRecord], rng: np.random.Generator,
+                   r: int | None = None) -> list[Path]:
+    """The requests a prompt with F = len(leaves) < w re-branches with: r of them at most (default w - F)."""
+    r = cfg.width - len(leaves) if r is None else r
     out: list[Path] = []
     pool = candidates(cfg.fallback_candidates, leaves, rng)
     if cfg.fallback_point == "from_start":

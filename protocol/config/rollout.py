@@ -49,9 +49,17 @@ class RolloutConfig(Section):
     treerpo_step_tokens: int = Field(128, gt=0, description="TreeRPO L_step: max tokens per step.")
     treerpo_max_tokens: int = Field(0, ge=0, description="TreeRPO response cap; the last step runs up to it "
                                     "(0 = treerpo_depth * treerpo_step_tokens).")
-    prompts_per_step: int = Field(8, gt=0, description="Trees an actor keeps in flight (its pool): one engine call per "
-                                  "step carries all their paths, and a finished tree's slot is refilled from a new "
-                                  "lease (as the buffer's admission allows) before the next step.")
+    short_answer_fallback: bool = Field(
+        True, description="TreePO: while every leaf of a tree ended by EOS in its first segment, a fallback spawns "
+        "all the leaves still missing at once from the prompt, instead of min(b, r) per candidate per wave (fewer "
+        "sequential waves where the policy answers in one segment; BENCHMARKS.md, rollout).")
+    prompts_per_step: int = Field(8, gt=0, description="Trees an actor keeps in flight at least (its pool): a "
+                                  "finished tree's slot is refilled from a new lease (as the buffer's admission "
+                                  "allows) before the engine's next step.")
+    target_running: int = Field(
+        32, ge=0, description="Sequences an actor keeps its engine busy with: beyond prompts_per_step, trees are "
+        "added to the pool while the open trees' remaining leaves sum to fewer than this (0: prompts_per_step "
+        "trees only). Independent of learner.prompts_per_step; the buffer's admission still bounds the leases.")
 
     @model_validator(mode="after")
     def _check(self):
