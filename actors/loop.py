@@ -3,9 +3,10 @@ weights between two tree steps, heartbeat. `treepo actor` runs it.
 
 Loop: ask the buffer for up to `rollout.prompts_per_step` prompt leases (its admission bound may
 grant fewer, or none: then wait `retry_after_s`, or less when new weights arrive); grow one tree per
-lease with the configured sampler as a pool of `prompts_per_step` slots (one batched engine call per
-step carries every open tree's paths; when trees finish, their slots are offered to the buffer again
-before the next step, so no round waits for its slowest tree); send each finished piece (`SubtreeMsg`,
+lease with the configured sampler, driven by the engine's events (`actors.sampler_base`), as a pool of at
+least `prompts_per_step` trees and as many more as keep `rollout.target_running` sequences in the engine
+(new leases are asked for before the engine's next step, and not again before `retry_after_s` once the
+buffer granted none, so no tree waits for another); send each finished piece (`SubtreeMsg`,
 re-sent until acknowledged) as soon as the sampler yields it. Before every engine call the actor
 applies the newest weights the learner pushed (assembled off the hot path by the subscriber's
 thread), so segments generated after the swap carry the new policy version; it also renews its
@@ -88,6 +89,7 @@ class ActorLoop:
         self.swaps = 0
         self.swap_s = 0.0
         self.buffer_timeouts = 0  # prompt requests the buffer left unanswered for buffer.grant_timeout_s
+        self.no_permit_until = 0.0  # the buffer granted nothing: the pool asks again after this (monotonic)
 
     def between_steps(self) -> None:
         """Called before every engine call: newest weights in, leases renewed, acks read."""
@@ -112,9 +114,11 @@ class ActorLoop:
 
     def _refill(self, free: int) -> list[PromptItem]:
         """Prompts for the pool's free slots, as the buffer's admission grants them now (none once stopping)."""
-        if self.stop.is_set():
+        if self.stop.is_set() or time.monotonic() < self.no_permit_until:
             return []
         grant = self._request(free)
+        if grant is not None and not grant.leases:
+            self.no_permit_until = time.monotonic() + max(grant.retry_after_s, 0.05)
         return [self._item(lease) for lease in grant.leases] if grant else []
 
     def _request(self, n: int) -> PromptGrant | None:
@@ -131,8 +135,9 @@ class ActorLoop:
             return None
 
     def run(self) -> None:
-        """Grow a pool of `rollout.prompts_per_step` trees; each finished tree's slot is refilled at the next
-        step. A metrics row per `prompts_per_step` finished trees (a round's worth), and when the pool drains."""
+        """Grow a pool of at least `rollout.prompts_per_step` trees, topped up to `rollout.target_running`
+        sequences before every engine step. A metrics row per `prompts_per_step` finished trees, and when the pool
+        drains."""
         rounds = 0
         slots = self.cfg.rollout.prompts_per_step
         t0 = time.perf_counter()  # waiting for a grant (admission, back-pressure) counts from here
@@ -147,7 +152,7 @@ class ActorLoop:
             waited = time.perf_counter() - t0
             row = _RoundRow(self.engine.counters.as_dict(), waited)
             for piece in self.sampler.grow([self._item(lease) for lease in grant.leases], refill=self._refill,
-                                           slots=slots):
+                                           slots=slots, target_running=self.cfg.rollout.target_running):
                 self.client.send(piece.message(self.actor_id))
                 if piece.final and piece.whole is not None:
                     row.add(piece.whole)
@@ -173,6 +178,7 @@ class ActorLoop:
                                **self.weights.metrics(),
                                "generated_tokens_per_s": delta["generated_tokens"] / gen_s,
                                "cache_hit_rate": delta["cached_tokens"] / max(1.0, delta["prompt_tokens"]),
+                               "running_sequences_mean": delta["running_sum"] / max(1.0, delta["engine_steps"]),
                                **delta})
 
     def close(self) -> None:

@@ -103,6 +103,8 @@ class SamplerBase(ABC):
     def _grow(self, open_trees: list[PromptTree], slots: int, target_running: int,
               refill: Callable[[int], list[PromptItem]] | None) -> Iterator[TreePiece]:
         jobs: dict[int, tuple[PromptTree, Path]] = {}  # ticket -> the tree and path it grows
+        if refill is not None and (more := self._wanted(open_trees, slots, target_running)) > 0:
+            open_trees += [self.start(item) for item in refill(more)]
         self._submit(open_trees, jobs)
         while open_trees:
             if self.before_step is not None:

@@ -291,7 +291,7 @@ def BOXED_IN(tree: Tree, node: int) -> bool:  # noqa: N802
 @pytest.mark.parametrize("policy", ["soft_boxed_and_eos", "finished_first_strict"])
 def test_fallback_happens_and_still_w(policy):
     eng = ScriptedEngine(stops=lambda r, g: True, seed=4, boxed=True)  # every segment ends: fallback every step
-    c = cfg(width=6, max_depth=4, fallback_candidates=policy)
+    c = cfg(width=6, max_depth=4, fallback_candidates=policy, short_answer_fallback=False)
     sampler = TreePOSampler(eng, c, seed=0)
     tree = sampler.sample(items(1))[0]
     check_tree(tree, c)
