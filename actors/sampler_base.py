@@ -19,9 +19,9 @@ under new weights). A request may run on past its segment (up to `max_tokens`, t
 child queued of a path whose request still runs continues it (`actors.engine`, continuations): the engine
 computes nothing of that path again.
 
-The pool: `slots` trees at least; with `target_running` > 0, more trees are started while the open trees'
-remaining demand (leaves still to grow, summed) is below that many sequences, so the engine's batch stays
-near its target whatever the learner's batch (`rollout.target_running`).
+The pool: `slots` trees at least; with `target_running` > 0, more trees are started while the engine holds
+fewer sequences than that (and their remaining demand stays within twice it: `_wanted`), so the engine's
+batch stays near its target whatever the learner's batch (`rollout.target_running`).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ class SamplerBase(ABC):
     @abstractmethod
     def first_requests(self) -> int:
         """How many copies of the root a new tree queues."""
+
+    @abstractmethod
+    def opening_width(self) -> int:
+        """The fewest copies of the root a new tree queues (the pool's estimate of what a new tree adds)."""
 
     @abstractmethod
     def advance(self, tree: PromptTree, grown: list[tuple[Path, SegmentResult]]) -> None:
@@ -133,13 +137,19 @@ class SamplerBase(ABC):
             self._submit(open_trees, jobs)
 
     def _wanted(self, open_trees: list[PromptTree], slots: int, target_running: int) -> int:
-        """How many new trees the pool asks for: up to `slots` trees, and up to `target_running` sequences of
-        remaining demand (each open tree's leaves still to grow; a new tree's is `width`)."""
+        """How many new trees the pool asks for: up to `slots` trees, and (`target_running` > 0) while the
+        sequences in the engine (in flight and queued) stay below `target_running` and the open trees' remaining
+        demand (leaves still to grow) within twice that: a tree opens with few paths and grows to `width`, so the
+        engine's batch overshoots its target by a bounded amount."""
         n = slots - len(open_trees)
         if target_running > 0:
-            w = self.settings().width
-            demand = sum(max(w - len(t.leaves), len(t.flying)) for t in open_trees)
-            n = max(n, -(-(target_running - demand) // w))
+            w, opening = self.settings().width, self.opening_width()
+            running = sum(len(t.flying) + len(t.queue) for t in open_trees)
+            demand = sum(w - len(t.leaves) for t in open_trees)
+            k = 0
+            while running + k * opening < target_running and demand + (k + 1) * w <= 2 * target_running:
+                k += 1
+            n = max(n, k)
         return n
 
     def _submit(self, trees: list[PromptTree], jobs: dict[int, tuple[PromptTree, Path]]) -> None:

@@ -124,15 +124,16 @@ def test_weights_swapped_with_requests_in_flight_restart_them(sampler_cls):
 
 def test_the_pool_holds_the_engine_near_target_running():
     """No answer ends early; w=8, b0=2, b=2, d=4, l=4: a tree runs 2, 4, 8, 8 sequences for 4 engine steps each.
-    One slot alone: 5.5 sequences per engine step. With target_running=32 the pool keeps 4 trees (demand 4 x 8):
-    (8 + 16 + 32 + 32) / 4 = 22 per step, and 20 trees take 5 x 16 engine steps instead of 20 x 16."""
-    for target, mean, steps in [(0, 5.5, 320), (32, 22.0, 80)]:
+    One slot alone: 5.5 sequences per engine step, 20 x 16 steps. With target_running=32 trees are added while
+    fewer than 32 sequences run and the demand (8 per tree) stays within 64: 8 trees, which run 16, 32, 64, 64;
+    20 trees go in waves of 8, 8 and 4: 3 x 16 steps carrying 2 x 4 x (16 + 32 + 64 + 64) + 4 x (8 + 16 + 32 +
+    32) = 1760 sequences."""
+    for target, running, steps in [(0, 5.5 * 320, 320), (32, 1760, 48)]:
         eng = SteppedEngine()
         pending = items(20)
         it = iter(pending[1:])
         finals = [p for p in TreePOSampler(eng, cfg(segment_tokens=4)).grow(
             pending[:1], refill=lambda n: [x for _, x in zip(range(n), it, strict=False)], slots=1,
             target_running=target) if p.final]
-        assert len(finals) == 20
-        assert eng.counters.running_sum / eng.counters.engine_steps == mean
-        assert eng.counters.engine_steps == steps
+        assert len(finals) == 20 and all(len(p.whole.leaves) == 8 for p in finals)
+        assert eng.counters.engine_steps == steps and eng.counters.running_sum == running
