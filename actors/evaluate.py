@@ -5,8 +5,8 @@ summarised by `actors.eval_metrics`. `treepo eval` runs it once on a model direc
 The held-out prompts are the `eval.prompts` section (own seed and size), minus any whose text is also a
 training prompt (counted as `overlap_dropped`). Sampling: `eval.sampling: sequential` grows k independent
 samples per prompt (`rollout.mode: independent`); `tree` grows a TreePO tree with k leaves and the rollout
-section's segment length, depth, branching and fallback. Both at `eval.temperature` / `eval.top_p`, in
-pools of `rollout.prompts_per_step` prompts. Besides accuracy, a run reports the engine's work for it
+section's segment length, depth, branching and fallback. Both at `eval.temperature` / `eval.top_p`, through
+the actor's pool (at least `rollout.prompts_per_step` trees, topped up to `rollout.target_running` sequences). Besides accuracy, a run reports the engine's work for it
 (prompt tokens, tokens served from the prefix cache, generated and processed tokens) and its wall
 time, so that tree and sequential test-time sampling compare on one model and prompt set (ALGORITHMS.md §1.8).
 """
@@ -84,8 +84,8 @@ class Evaluation:
         version, the engine's work and the wall time."""
         before = self.engine.counters.as_dict()
         start = time.perf_counter()
-        pool = self.cfg.rollout.prompts_per_step
-        trees = [t for i in range(0, len(self.items), pool) for t in self.sampler.sample(self.items[i:i + pool])]
+        trees = self.sampler.sample(self.items, slots=self.cfg.rollout.prompts_per_step,
+                                    target_running=self.cfg.rollout.target_running)
         wall = time.perf_counter() - start
         work = {k: float(v - before[k]) for k, v in self.engine.counters.as_dict().items()}
         samples = [leaf_samples(t, self.datasets[t.prompt_id], self.engine.decode,

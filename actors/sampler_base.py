@@ -168,9 +168,17 @@ class SamplerBase(ABC):
             t.queue, t.running = [], {}
         self.engine.release_unclaimed()
 
-    def sample(self, items: list[PromptItem]) -> list[Tree]:
-        """The whole trees, in prompt order (no streaming)."""
-        whole = {p.tree.prompt_id: p.whole for p in self.grow(items) if p.final}
+    def sample(self, items: list[PromptItem], slots: int | None = None, target_running: int = 0) -> list[Tree]:
+        """The whole trees, in prompt order (no streaming): all at once, or (`slots`) through a pool of `slots`
+        trees at least, topped up to `target_running` sequences, from the items not started yet."""
+        slots = slots or len(items)
+        rest = list(items[slots:])
+
+        def refill(n: int) -> list[PromptItem]:
+            got, rest[:] = rest[:n], rest[n:]
+            return got
+        whole = {p.tree.prompt_id: p.whole for p in self.grow(items[:slots], refill=refill, slots=slots,
+                                                                 target_running=target_running) if p.final}
         return [whole[item.prompt_id] for item in items]  # type: ignore[misc]
 
     def text(self, path: Path) -> str:

@@ -53,7 +53,7 @@ class RolloutConfig(Section):
         True, description="TreePO: while every leaf of a tree ended by EOS in its first segment, a fallback spawns "
         "all the leaves still missing at once from the prompt, instead of min(b, r) per candidate per wave (fewer "
         "sequential waves where the policy answers in one segment; BENCHMARKS.md, rollout).")
-    prompts_per_step: int = Field(8, gt=0, description="Trees an actor keeps in flight at least (its pool): a "
+    prompts_per_step: int = Field(2, gt=0, description="Trees an actor keeps in flight at least (its pool): a "
                                   "finished tree's slot is refilled from a new lease (as the buffer's admission "
                                   "allows) before the engine's next step.")
     target_running: int = Field(

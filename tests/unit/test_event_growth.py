@@ -85,10 +85,7 @@ def test_exactly_w_leaves_over_many_event_grown_trees():
                 fallback_point="from_start" if trial % 7 == 0 else "random", short_answer_fallback=trial % 2 == 0)
         eng = SteppedEngine(ends=_random_ends(float(rng.random())))
         sampler = TreePOSampler(eng, c, seed=trial)  # it asserts leaves + queued + in flight <= w at every event
-        pending = items(30)
-        trees = [p.whole for p in sampler.grow(pending[:3], refill=lambda n: [pending.pop(3) for _ in
-                                                                                range(min(n, len(pending) - 3))],
-                                               slots=3, target_running=2 * w) if p.final]
+        trees = sampler.sample(items(30), slots=3, target_running=2 * w)
         for tree in trees:
             check_tree(tree, c)
         n_trees += len(trees)
@@ -130,10 +127,6 @@ def test_the_pool_holds_the_engine_near_target_running():
     32) = 1760 sequences."""
     for target, running, steps in [(0, 5.5 * 320, 320), (32, 1760, 48)]:
         eng = SteppedEngine()
-        pending = items(20)
-        it = iter(pending[1:])
-        finals = [p for p in TreePOSampler(eng, cfg(segment_tokens=4)).grow(
-            pending[:1], refill=lambda n: [x for _, x in zip(range(n), it, strict=False)], slots=1,
-            target_running=target) if p.final]
-        assert len(finals) == 20 and all(len(p.whole.leaves) == 8 for p in finals)
+        trees = TreePOSampler(eng, cfg(segment_tokens=4)).sample(items(20), slots=1, target_running=target)
+        assert all(len(t.leaves) == 8 for t in trees)
         assert eng.counters.engine_steps == steps and eng.counters.running_sum == running
