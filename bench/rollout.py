@@ -7,8 +7,9 @@ engine instance, its prefix cache cleared before each side, through the actor's 
 least `rollout.prompts_per_step` trees, topped up to `rollout.target_running` sequences; growth driven by the
 engine's events, `actors.sampler_base`). Shapes (branching 2):
 
-    shortans: w=8, l=8, d=4 on the main job's prompts (configs/cpu-smollm2.yaml: one-digit sums, "Reply with only
-              the final number."): SmolLM2 answers in a few tokens, within the first segment
+    shortans: w=8, l=8, d=4 on the main job's questions (configs/cpu-smollm2.yaml: one-digit sums, "Reply with only
+              the final number.") after four worked examples: SmolLM2 answers in 2-3 tokens, within the first
+              segment, as the main job's policy does once trained
     short:    w=8, l=8, d=4         long: w=16, l=32, d=4     (basic_arithmetic asking for a boxed answer: the
               answers run to the cap)
 
@@ -38,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from actors.engine import Engine
 from actors.independent_sampler import IndependentSampler
 from actors.sampler_base import SamplerBase
@@ -46,7 +49,7 @@ from protocol.config.engine import EngineConfig
 from protocol.config.pipeline import load_config
 from protocol.config.prompts import PromptsConfig
 from protocol.config.rollout import RolloutConfig
-from treepo.prompts import load_prompts
+from treepo.prompts import PromptItem, load_prompts, raw_rows
 
 
 def make_engine(kind: str, model_dir: Path, args: argparse.Namespace) -> Engine:
@@ -141,13 +144,26 @@ SHAPES = {"shortans": {"width": 8, "segment_tokens": 8, "max_depth": 4},
 MAIN_JOB = Path(__file__).resolve().parents[1] / "configs" / "cpu-smollm2.yaml"
 
 
-def shape_prompts(shape: str, n: int, tokenizer):
-    """shortans: the main job's prompts; the others: basic_arithmetic asking for a boxed answer."""
-    if shape == "shortans":
-        cfg = load_config(MAIN_JOB).prompts.model_copy(update={"size": n, "seed": 0})
-    else:
-        cfg = PromptsConfig(datasets=["basic_arithmetic"], size=n, seed=0)
-    return load_prompts(cfg, tokenizer)
+SHOTS = [("3 + 4", "7"), ("8 + 1", "9"), ("5 + 5", "10"), ("2 + 9", "11")]
+
+
+def shape_prompts(shape: str, n: int, tokenizer) -> list[PromptItem]:
+    """shortans: the main job's questions after four worked examples as earlier chat turns (the untrained model
+    then answers in 2-3 tokens and EOS, as the main job's policy does once trained; without them it writes ~26
+    tokens at temperature 1); the others: basic_arithmetic asking for a boxed answer."""
+    if shape != "shortans":
+        return load_prompts(PromptsConfig(datasets=["basic_arithmetic"], size=n, seed=0), tokenizer)
+    cfg = load_config(MAIN_JOB).prompts.model_copy(update={"size": n, "seed": 0})
+    items = []
+    for row in raw_rows(cfg):
+        turns = [{"role": "system", "content": cfg.system_prompt}]
+        for q, a in SHOTS:
+            turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        turns.append({"role": "user", "content": row["prompt"]})
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        items.append(PromptItem(prompt_id=row["id"], text=row["prompt"], answer=row["answer"], entry=row["entry"],
+                                token_ids=np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)))
+    return items
 
 
 def main() -> None:
