@@ -23,9 +23,6 @@ class IndependentSampler(SamplerBase):
     def max_new_tokens(self, path: Path) -> int:
         return self.max_tokens
 
-    def opening_width(self) -> int:
-        return self.cfg.width
-
     def first_requests(self) -> int:
         return self.cfg.width
 

@@ -19,9 +19,9 @@ under new weights). A request may run on past its segment (up to `max_tokens`, t
 child queued of a path whose request still runs continues it (`actors.engine`, continuations): the engine
 computes nothing of that path again.
 
-The pool: `slots` trees at least; with `target_running` > 0, more trees are started while the engine holds
-fewer sequences than that (and their remaining demand stays within twice it: `_wanted`), so the engine's
-batch stays near its target whatever the learner's batch (`rollout.target_running`).
+The pool: `slots` trees at least; with `target_running` > 0, as many as hold about that many sequences in the
+engine, by the measured sequences per open tree (`actors.pool`), whatever the learner's batch
+(`rollout.target_running`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from actors.engine import Engine, SamplingParams, SegmentRequest, SegmentResult
+from actors.pool import PoolSize
 from actors.tree_state import Path, PromptTree, Scorer, TreePiece
 from protocol.config.rollout import RolloutConfig
 from protocol.tree import SamplingSettings, Tree, TreeMode
@@ -77,10 +78,6 @@ class SamplerBase(ABC):
         """How many copies of the root a new tree queues."""
 
     @abstractmethod
-    def opening_width(self) -> int:
-        """The fewest copies of the root a new tree queues (the pool's estimate of what a new tree adds)."""
-
-    @abstractmethod
     def advance(self, tree: PromptTree, grown: list[tuple[Path, SegmentResult]]) -> None:
         """Take one tree's grown paths of a step: finish leaves, queue its next requests (none: it is complete)."""
 
@@ -107,12 +104,13 @@ class SamplerBase(ABC):
     def _grow(self, open_trees: list[PromptTree], slots: int, target_running: int,
               refill: Callable[[int], list[PromptItem]] | None) -> Iterator[TreePiece]:
         jobs: dict[int, tuple[PromptTree, Path]] = {}  # ticket -> the tree and path it grows
-        if refill is not None and (more := self._wanted(open_trees, slots, target_running)) > 0:
-            open_trees += [self.start(item) for item in refill(more)]
+        pool = PoolSize(slots, target_running, self.settings().width)
+        open_trees += self._refill(open_trees, pool, refill)
         self._submit(open_trees, jobs)
         while open_trees:
             if self.before_step is not None:
                 self.before_step()
+            running, engine_steps = self.engine.in_flight, self.engine.counters.engine_steps
             grown: dict[int, list[tuple[Path, SegmentResult]]] = {}
             for ticket, result in self.engine.step():
                 t, path = jobs.pop(ticket)
@@ -122,6 +120,7 @@ class SamplerBase(ABC):
                 if result.handle is not None:
                     t.running[path.parent] = result.handle  # the path's new node: its first child continues it
             self.steps += 1
+            pool.observe(running, len(open_trees), self.engine.counters.engine_steps - engine_steps)
             still_open = []
             for t in open_trees:
                 if id(t) in grown:
@@ -129,28 +128,17 @@ class SamplerBase(ABC):
                     yield from t.pieces(final=not t.queue and not t.flying)
                 if t.queue or t.flying:
                     still_open.append(t)
-            open_trees = still_open
-            if refill is not None:
-                more = self._wanted(open_trees, slots, target_running)
-                if more > 0:
-                    open_trees += [self.start(item) for item in refill(more)]
+            open_trees = still_open + self._refill(still_open, pool, refill)
             self._submit(open_trees, jobs)
 
-    def _wanted(self, open_trees: list[PromptTree], slots: int, target_running: int) -> int:
-        """How many new trees the pool asks for: up to `slots` trees, and (`target_running` > 0) while the
-        sequences in the engine (in flight and queued) stay below `target_running` and the open trees' remaining
-        demand (leaves still to grow) within twice that: a tree opens with few paths and grows to `width`, so the
-        engine's batch overshoots its target by a bounded amount."""
-        n = slots - len(open_trees)
-        if target_running > 0:
-            w, opening = self.settings().width, self.opening_width()
-            running = sum(len(t.flying) + len(t.queue) for t in open_trees)
-            demand = sum(w - len(t.leaves) for t in open_trees)
-            k = 0
-            while running + k * opening < target_running and demand + (k + 1) * w <= 2 * target_running:
-                k += 1
-            n = max(n, k)
-        return n
+    def _refill(self, open_trees: list[PromptTree], pool: PoolSize,
+                refill: Callable[[int], list[PromptItem]] | None) -> list[PromptTree]:
+        """New trees for the pool's free places (`actors.pool`), from `refill`."""
+        if refill is None:
+            return []
+        w = self.settings().width
+        more = pool.wanted(len(open_trees), sum(w - len(t.leaves) for t in open_trees))
+        return [self.start(item) for item in refill(more)] if more > 0 else []
 
     def _submit(self, trees: list[PromptTree], jobs: dict[int, tuple[PromptTree, Path]]) -> None:
         """Send every queued path of `trees` to the engine, then let it abort the running requests nobody

@@ -54,9 +54,6 @@ class TreePOSampler(SamplerBase):
         hi = min(c.init_branching_max, c.width)
         return int(self.rng.integers(c.init_branching, hi + 1)) if hi > c.init_branching else c.init_branching
 
-    def opening_width(self) -> int:
-        return self.cfg.init_branching
-
     def first_requests(self) -> int:
         return self.initial_branching()
 

@@ -43,9 +43,6 @@ class TreeRPOSampler(SamplerBase):
             return "max_depth"
         return None
 
-    def opening_width(self) -> int:
-        return self.cfg.treerpo_children
-
     def first_requests(self) -> int:
         return self.cfg.treerpo_children
 

@@ -5,6 +5,8 @@ requests in flight, and the pool held near `target_running` sequences."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -120,13 +122,17 @@ def test_weights_swapped_with_requests_in_flight_restart_them(sampler_cls):
 
 
 def test_the_pool_holds_the_engine_near_target_running():
-    """No answer ends early; w=8, b0=2, b=2, d=4, l=4: a tree runs 2, 4, 8, 8 sequences for 4 engine steps each.
-    One slot alone: 5.5 sequences per engine step, 20 x 16 steps. With target_running=32 trees are added while
-    fewer than 32 sequences run and the demand (8 per tree) stays within 64: 8 trees, which run 16, 32, 64, 64;
-    20 trees go in waves of 8, 8 and 4: 3 x 16 steps carrying 2 x 4 x (16 + 32 + 64 + 64) + 4 x (8 + 16 + 32 +
-    32) = 1760 sequences."""
-    for target, running, steps in [(0, 5.5 * 320, 320), (32, 1760, 48)]:
+    """No answer ends early; w=8, b0=2, b=2, d=4, l=4: a tree holds 2, 4, 8, 8 sequences for 4 engine steps each.
+    One slot alone: 5.5 sequences per engine step, 20 x 16 steps. With target_running=32 (`actors.pool`): a tree
+    counts as w/2 = 4 sequences at first, so 8 trees start; the estimate then follows the measured sequences per
+    tree (2, 4, 8, 8 per 4-step call, each call weighing 1 - 0.98^4): 4.48 when the first wave ends, so
+    round(32 / 4.48) = 7 trees start at step 16; two calls later (2 and 4 per tree) it is 4.26 and an 8th tree
+    joins at step 24; the last 4 start at step 32. 48 engine steps instead of 320."""
+    for target, starts, steps in [(0, [(16 * i, 1) for i in range(20)], 320),
+                                  (32, [(0, 8), (16, 7), (24, 1), (32, 4)], 48)]:
         eng = SteppedEngine()
         trees = TreePOSampler(eng, cfg(segment_tokens=4)).sample(items(20), slots=1, target_running=target)
         assert all(len(t.leaves) == 8 for t in trees)
-        assert eng.counters.engine_steps == steps and eng.counters.running_sum == running
+        roots = Counter(at for at, r in eng.submitted if len(r.token_ids) == 5)  # b0 = 2 root requests per tree
+        assert sorted((at, n // 2) for at, n in roots.items()) == starts
+        assert eng.counters.engine_steps == steps and eng.counters.running_sum == 20 * 4 * (2 + 4 + 8 + 8)
