@@ -71,7 +71,7 @@ class Evaluation:
         if not self.items:
             raise ConfigError("eval.prompts: no held-out prompt left (every one is also a training prompt)")
         rollout = eval_rollout(cfg)
-        self.scorer = RewardScorer(cfg.reward, max_tokens=rollout.segment_tokens * rollout.max_depth)
+        self.scorer = RewardScorer.for_rollout(cfg.reward, rollout)
         self.sampler = make_sampler(engine, rollout, self.scorer, run_id=f"{cfg.run.run_id}-eval", seed=cfg.run.seed,
                                     tree_prefix="eval")
         source = cfg.eval.prompts

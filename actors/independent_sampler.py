@@ -16,10 +16,6 @@ from actors.tree_state import Path, PromptTree
 class IndependentSampler(SamplerBase):
     mode = "independent"
 
-    @property
-    def max_tokens(self) -> int:
-        return self.cfg.max_depth * self.cfg.segment_tokens
-
     def max_new_tokens(self, path: Path) -> int:
         return self.max_tokens
 

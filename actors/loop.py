@@ -78,7 +78,7 @@ class ActorLoop:
         self.weights = (BroadcastWeightSubscriber(cfg.weights, actor_id, run_id=cfg.run.run_id)
                         if cfg.weights.transport == "broadcast" else ZmqWeightSubscriber(cfg.weights, actor_id, cfg.security))
         self.client = BufferClient(cfg.buffer.ingest_address, actor_id, cfg.buffer, cfg.security)
-        self.scorer = RewardScorer(cfg.reward, max_tokens=cfg.rollout.segment_tokens * cfg.rollout.max_depth)
+        self.scorer = RewardScorer.for_rollout(cfg.reward, cfg.rollout)
         self.sampler = make_sampler(self.engine, cfg.rollout, self.scorer, run_id=cfg.run.run_id,
                                     seed=cfg.run.seed, tree_prefix=actor_id, before_step=self.between_steps)
         # reasoning-gym scorers need the generator's entry; leases carry only the prompt id and text

@@ -27,6 +27,7 @@ from typing import Any
 
 from actors.boxed import last_boxed
 from protocol.config.reward import RewardConfig
+from protocol.config.rollout import RolloutConfig
 from treepo.prompts import PromptItem
 
 
@@ -118,10 +119,15 @@ class RewardScorer:
     """Scores a leaf: (prompt, completion text, response tokens) -> (reward, details)."""
 
     def __init__(self, cfg: RewardConfig, max_tokens: int):
-        self.cfg, self.max_tokens = cfg, max_tokens
+        self.cfg, self.max_tokens = cfg, max_tokens  # the response cap the overlong penalty counts from
         preload = {"math": ["math_verify"], "reasoning_gym": ["reasoning_gym"],
                    "callable": [cfg.function.partition(":")[0]]}[cfg.kind]
         self.worker = BoundedWorker(["actors.reward", *preload])
+
+    @classmethod
+    def for_rollout(cls, cfg: RewardConfig, rollout: RolloutConfig) -> RewardScorer:
+        """The scorer of leaves grown under `rollout`: its overlong penalty counts from that mode's response cap."""
+        return cls(cfg, max_tokens=rollout.response_cap())
 
     def answer(self, text: str) -> str | None:
         """The answer this scorer grades in `text` (what majority votes count); None if it finds none, or

@@ -69,9 +69,9 @@ class SamplerBase(ABC):
         """Token budget of the next segment of `path`."""
 
     @property
-    @abstractmethod
     def max_tokens(self) -> int:
-        """The response cap of a path."""
+        """The response cap of a path (`RolloutConfig.response_cap` of this sampler's mode)."""
+        return self.cfg.response_cap(self.mode)
 
     @abstractmethod
     def first_requests(self) -> int:

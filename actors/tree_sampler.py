@@ -42,10 +42,6 @@ class TreePOSampler(SamplerBase):
 
     fallbacks = 0  # fallback rounds, over all trees grown
 
-    @property
-    def max_tokens(self) -> int:
-        return self.cfg.max_depth * self.cfg.segment_tokens
-
     def max_new_tokens(self, path: Path) -> int:
         return min(self.cfg.segment_tokens, self.max_tokens - len(path.tokens))
 

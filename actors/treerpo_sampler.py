@@ -20,10 +20,6 @@ from protocol.tree import SamplingSettings, StopReason
 class TreeRPOSampler(SamplerBase):
     mode = "treerpo"
 
-    @property
-    def max_tokens(self) -> int:
-        return self.cfg.treerpo_max_tokens or self.cfg.treerpo_depth * self.cfg.treerpo_step_tokens
-
     def settings(self) -> SamplingSettings:
         s = super().settings()
         s.segment_tokens, s.max_depth = self.cfg.treerpo_step_tokens, self.cfg.treerpo_depth

@@ -61,6 +61,14 @@ class RolloutConfig(Section):
         "added to the pool while the open trees' remaining leaves sum to fewer than this (0: prompts_per_step "
         "trees only). Independent of learner.prompts_per_step; the buffer's admission still bounds the leases.")
 
+    def response_cap(self, mode: str | None = None) -> int:
+        """The most response tokens a path may have under `mode` (default: this config's): TreeRPO's
+        `treerpo_max_tokens` (0: treerpo_depth * treerpo_step_tokens), else d * l. The samplers cut paths there and
+        the overlong penalty counts from it."""
+        if (mode or self.mode) == "treerpo":
+            return self.treerpo_max_tokens or self.treerpo_depth * self.treerpo_step_tokens
+        return self.max_depth * self.segment_tokens
+
     @model_validator(mode="after")
     def _check(self):
         if self.init_branching > self.width:

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from actors.boxed import last_boxed
+from actors.independent_sampler import IndependentSampler
 from actors.reward import RewardScorer, overlong_penalty, unboxed_answer
+from actors.tree_sampler import TreePOSampler
+from actors.treerpo_sampler import TreeRPOSampler
 from protocol.config.reward import RewardConfig
+from protocol.config.rollout import RolloutConfig
+from tests.fixtures.engines import ScriptedEngine
 from treepo.prompts import PromptItem
 
 
@@ -65,6 +70,23 @@ def test_zero_one_and_overlong():
         assert r(item("2"), "\\boxed{3}", 50)[0] == 0.0
     finally:
         r.close()
+
+
+def test_the_overlong_penalty_counts_from_the_mode_s_response_cap():
+    """TreeRPO's cap is treerpo_max_tokens (or D * L_step), not TreePO's d * l: a 20-token TreeRPO leaf under a
+    24-token cap and an 8-token window is 4 tokens into it (-0.5); the same leaf under d * l = 48 is not."""
+    rollout = RolloutConfig(mode="treerpo", segment_tokens=16, max_depth=3, treerpo_depth=3, treerpo_step_tokens=8)
+    assert rollout.response_cap() == 24 and rollout.response_cap("treepo") == 48
+    assert rollout.model_copy(update={"treerpo_max_tokens": 40}).response_cap() == 40
+    assert TreeRPOSampler(ScriptedEngine(), rollout).max_tokens == 24
+    assert TreePOSampler(ScriptedEngine(), rollout).max_tokens == IndependentSampler(ScriptedEngine(), rollout).max_tokens == 48
+    reward = RewardConfig(kind="math", correct=1.0, incorrect=0.0, overlong_buffer=8, timeout_s=30)
+    for mode, penalty in [("treerpo", -0.5), ("treepo", 0.0)]:
+        r = RewardScorer.for_rollout(reward, rollout.model_copy(update={"mode": mode}))
+        try:
+            assert r(item("2"), "\\boxed{2}", 20)[1]["overlong"] == penalty
+        finally:
+            r.close()
 
 
 def test_timeout_scores_incorrect_and_worker_recovers():
