@@ -90,10 +90,10 @@ class SamplerBase(ABC):
              slots: int | None = None, target_running: int = 0) -> Iterator[TreePiece]:
         """Grow one tree per prompt; yield pieces as they complete (each tree's final piece last).
 
-        With `refill`, the trees are a pool: after every step, while fewer than `slots` (default len(items))
-        trees are open, or (`target_running` > 0) the open trees still need fewer than `target_running`
-        sequences, new prompts are asked of `refill(n)` and their trees join before the engine's next step.
-        It ends when no tree is open and `refill` hands in nothing."""
+        With `refill`, the trees are a pool: after every step, new prompts are asked of `refill(n)` for the
+        places free (at least `slots` trees, default len(items); with `target_running` > 0, as many as hold
+        about that many sequences: `actors.pool`), and their trees join before the engine's next step. It ends
+        when no tree is open and `refill` hands in nothing."""
         slots = slots or len(items)
         open_trees = [self.start(item) for item in items]
         try:

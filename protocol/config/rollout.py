@@ -57,9 +57,11 @@ class RolloutConfig(Section):
                                   "finished tree's slot is refilled from a new lease (as the buffer's admission "
                                   "allows) before the engine's next step.")
     target_running: int = Field(
-        32, ge=0, description="Sequences an actor keeps its engine busy with: beyond prompts_per_step, trees are "
-        "added to the pool while the open trees' remaining leaves sum to fewer than this (0: prompts_per_step "
-        "trees only). Independent of learner.prompts_per_step; the buffer's admission still bounds the leases.")
+        32, ge=0, description="Sequences an actor keeps its engine busy with: beyond prompts_per_step, the pool "
+        "keeps as many trees as hold about this many by the measured sequences per open tree (actors/pool.py; "
+        "0: prompts_per_step trees only). 32 on CPU: a vLLM decode step there costs half per token what 8 rows cost "
+        "(BENCHMARKS.md, rollout). Independent of learner.prompts_per_step; the buffer's admission still bounds "
+        "the leases.")
 
     def response_cap(self, mode: str | None = None) -> int:
         """The most response tokens a path may have under `mode` (default: this config's): TreeRPO's
