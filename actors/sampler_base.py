@@ -50,7 +50,6 @@ class SamplerBase(ABC):
         self.rng = np.random.default_rng(seed)
         self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         self.trees_grown = 0
-        self.steps = 0
 
     def settings(self) -> SamplingSettings:
         c = self.cfg
@@ -119,7 +118,6 @@ class SamplerBase(ABC):
                 grown.setdefault(id(t), []).append((path, result))
                 if result.handle is not None:
                     t.running[path.parent] = result.handle  # the path's new node: its first child continues it
-            self.steps += 1
             pool.observe(running, len(open_trees), self.engine.counters.engine_steps - engine_steps)
             still_open = []
             for t in open_trees:
@@ -136,8 +134,7 @@ class SamplerBase(ABC):
         """New trees for the pool's free places (`actors.pool`), from `refill`."""
         if refill is None:
             return []
-        w = self.settings().width
-        more = pool.wanted(len(open_trees), sum(w - len(t.leaves) for t in open_trees))
+        more = pool.wanted(len(open_trees), sum(pool.width - len(t.leaves) for t in open_trees))
         return [self.start(item) for item in refill(more)] if more > 0 else []
 
     def _submit(self, trees: list[PromptTree], jobs: dict[int, tuple[PromptTree, Path]]) -> None:
