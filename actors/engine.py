@@ -5,9 +5,9 @@ path so far, a token budget, sampling settings, a seed) and returns its ticket; 
 least one submitted request has its segment and returns those, each as (ticket, result): the sampled
 continuation, the behaviour log-prob of each sampled token (of the distribution it was sampled from: after
 temperature, top-k and top-p, `protocol.sampling`), why it stopped, and how many of its input tokens the engine
-served from a cache instead of computing them. A sampler reacts to each step's results at once (children join
-the running batch before the engine's next step). Batched: `generate` submits a list and steps until every one
-has its segment (evaluation, benches).
+did not compute: served from its prefix cache, or held by the running request it continues. A sampler reacts to
+each step's results at once (children join the running batch before the engine's next step). Batched:
+`generate` submits a list and steps until every one has its segment (evaluation, benches).
 
 How fine a step is depends on the engine: vLLM's `step` returns after the engine iteration (one decode step of
 every running request) in which some request reached its budget or EOS, so paths that end early free their
@@ -26,8 +26,8 @@ running request is aborted, and a submitted request whose segment was not done y
 request under the new weights (its partial segment discarded and counted): a segment comes from one version.
 Engines without running requests return no handle and treat every request as new.
 
-`EngineCounters` is accumulated the same way by every engine, so benchmarks compare like with like:
-processed tokens = prompt tokens not served from cache + generated tokens (+ tokens sampled and discarded).
+`EngineCounters` is accumulated the same way by every engine, so benchmarks compare like with like; each
+figure is defined there.
 """
 
 from __future__ import annotations
@@ -66,24 +66,40 @@ class SegmentResult:
     logprobs: list[float]  # behaviour log-prob of each sampled token
     finish: Finish
     prompt_tokens: int  # len(request.token_ids)
-    cached_tokens: int  # of those, served from a cache: the prefix cache, or (a continuation) the request's own KV
+    cached_tokens: int  # of those, served from the engine's prefix cache when its request was prefilled (0: continued)
     policy_version: int  # the weights that produced this continuation
     handle: str | None = None  # set while the request keeps running: pass it as the next request's `continues`
+    continued_tokens: int = 0  # a segment of a running request (`continues`): all its input, held in that KV
 
 
 @dataclass
 class EngineCounters:
+    """What an engine did, summed since it was built (benchmarks and metrics take differences).
+
+    Per returned segment (`add`): `requests` segments, `prompt_tokens` their inputs, of which `cached_tokens`
+    were served from the engine's prefix cache when a new request was prefilled (vLLM: its `num_cached_tokens`;
+    transformers: its kept KV, or a sibling's prefill), `continued` segments taken from a running request and
+    `continued_tokens` their inputs (held in that request's KV: none of it computed again), and
+    `generated_tokens` the tokens returned. The rest are the engine's own accounting of its work:
+    `discarded_tokens` it sampled and never returned (held by a running request nobody continued when it was
+    aborted, or the partial segment of a request restarted under new weights), and `processed_tokens` it ran
+    through the model: the input tokens it computed (a new request's input less its prefix-cache hits) + every
+    token it sampled, returned or discarded (vLLM: those it reported, `actors.vllm_engine`). Once nothing runs
+    and no request was restarted, processed_tokens = prompt_tokens - cached_tokens - continued_tokens +
+    generated_tokens + discarded_tokens; a restarted request adds the input it had computed before the restart.
+    """
+
     calls: int = 0  # `step` calls that ran the model
     engine_steps: int = 0  # model iterations inside them (decode steps; one per generated token of a batch)
     running_sum: int = 0  # over engine steps, the sequences the step carried (mean batch = running_sum / engine_steps)
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    continued: int = 0
+    continued_tokens: int = 0
     generated_tokens: int = 0
-    continued: int = 0  # requests served by a running request (no prefill)
-    # sampled past a segment by a running request nobody continued (those received: vLLM's engine process may
-    # have sampled a few more before the abort reached it)
     discarded_tokens: int = 0
+    processed_tokens: int = 0
     restarted: int = 0  # submitted requests restarted under new weights before their segment was done
 
     def add(self, results: Sequence[SegmentResult]) -> None:
@@ -91,20 +107,16 @@ class EngineCounters:
         for r in results:
             self.prompt_tokens += r.prompt_tokens
             self.cached_tokens += r.cached_tokens
+            self.continued += r.continued_tokens > 0
+            self.continued_tokens += r.continued_tokens
             self.generated_tokens += len(r.token_ids)
-
-    @property
-    def processed_tokens(self) -> int:
-        """Tokens the engine actually ran through the model: uncached prompt tokens + generated ones (+ the
-        ones a running request sampled for a continuation that never came)."""
-        return self.prompt_tokens - self.cached_tokens + self.generated_tokens + self.discarded_tokens
 
     def as_dict(self) -> dict[str, int]:
         return {"calls": self.calls, "engine_steps": self.engine_steps, "running_sum": self.running_sum,
                 "restarted": self.restarted, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "generated_tokens": self.generated_tokens,
-                "continued": self.continued, "discarded_tokens": self.discarded_tokens,
-                "processed_tokens": self.processed_tokens}
+                "continued": self.continued, "continued_tokens": self.continued_tokens,
+                "discarded_tokens": self.discarded_tokens, "processed_tokens": self.processed_tokens}
 
 
 class Engine(ABC):
@@ -166,7 +178,9 @@ class Engine(ABC):
 
 class BatchEngine(Engine):
     """An engine that runs a batch to its segments in one call (`generate_batch`): `step` sends every submitted
-    request, so each step's events are all of them (growth in rounds). Subclasses call `super().__init__()`."""
+    request, so each step's events are all of them (growth in rounds). It keeps no request running past its
+    call, so a call's work is its results': the input not served from its cache, and the tokens returned
+    (processed tokens). Subclasses call `super().__init__()`."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[int, SegmentRequest]] = []
@@ -188,6 +202,7 @@ class BatchEngine(Engine):
         results = self.generate_batch([r for _, r in batch])
         self.counters.calls += 1
         self.counters.add(results)
+        self.counters.processed_tokens += sum(r.prompt_tokens - r.cached_tokens + len(r.token_ids) for r in results)
         return [(t, r) for (t, _), r in zip(batch, results, strict=True)]
 
     @property

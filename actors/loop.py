@@ -33,7 +33,7 @@ from actors.weight_receiver import ZmqWeightSubscriber
 from buffer.client import BufferClient
 from protocol.config import PipelineConfig, config_warnings
 from protocol.messages import PromptGrant, PromptLease
-from protocol.role_process import add_config_argument, start_role
+from protocol.role_process import add_config_argument, process_age_s, start_role
 from protocol.tree import Tree
 from treepo.models import materialise_model
 from treepo.prompts import PromptItem, raw_rows, render
@@ -90,6 +90,8 @@ class ActorLoop:
         self.swap_s = 0.0
         self.buffer_timeouts = 0  # prompt requests the buffer left unanswered for buffer.grant_timeout_s
         self.no_permit_until = 0.0  # the buffer granted nothing: the pool asks again after this (monotonic)
+        log.info("%s start-up: engine, weights and buffer connections ready %.1f s after the process started",
+                 actor_id, process_age_s())
 
     def between_steps(self) -> None:
         """Called before every engine call: newest weights in, leases renewed, acks read."""

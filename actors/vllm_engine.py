@@ -13,6 +13,15 @@ request keeps running past the segment (`actors.engine`, continuations), so the 
 request would recompute (up to block_size - 1 tokens per path and step) is never recomputed, and neither is
 anything else of the path.
 
+Counters (`actors.engine.EngineCounters`): a segment's `cached_tokens` is its request's `num_cached_tokens`
+when the segment is the request's first, 0 when it continues the request (its `continued_tokens`, the whole
+input). Processed tokens are counted per vLLM request as its outputs arrive: with the first, its prompt less
+its `num_cached_tokens`; then every token it sampled, whether a segment returns it or an abort discards it.
+vLLM reports nothing of a request after the client aborts it, so two things its engine process computes go
+uncounted: the tokens it samples for a running request between the last output that reached this process and
+the abort (vLLM's engine process runs ahead of `step`), and the prefill of a request aborted before its first
+token; nor does vLLM report recomputing a request it preempted (a full KV cache).
+
 Weights are replaced in place (STACK.md), after every running request is aborted (a segment comes from one
 version, and vLLM resets no cache blocks in use; the submitted ones restart under the new weights): the new state
 dict is written as one safetensors file in a private folder, every worker reloads from it
@@ -98,21 +107,28 @@ class _Running:
     rid: str
     handed_out: int  # prompt + every token returned in a segment so far
     continuable: bool  # asked for more than its first segment
+    prefilled: bool = False  # an output came: vLLM has prefilled the prompt
     cached_tokens: int = 0  # of the prompt, served from the prefix cache
     budget: int = 0  # tokens of the segment being sampled
     tokens: list[int] = field(default_factory=list)  # sampled, not handed out yet
     logprobs: list[float] = field(default_factory=list)
     finish: Finish | None = None  # how vLLM ended the request (None: running)
 
-    def take(self, out) -> None:
+    def take(self, out) -> int:
+        """Keep one output's tokens; the tokens vLLM ran through the model for it: those it sampled, and with the
+        request's first output its prompt (`handed_out`: no segment is cut before it) less the prefix-cache hits."""
         comp = out.outputs[0]
-        self.cached_tokens = int(out.num_cached_tokens or 0)
+        computed = len(comp.token_ids)
+        if not self.prefilled:
+            self.prefilled, self.cached_tokens = True, int(out.num_cached_tokens or 0)
+            computed += self.handed_out - self.cached_tokens
         self.tokens += comp.token_ids
         self.logprobs += [float(step[tok].logprob) for step, tok in zip(comp.logprobs, comp.token_ids, strict=True)]
         if out.finished:
             if comp.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"vLLM ended request {self.rid} with {comp.finish_reason!r}")
             self.finish = comp.finish_reason
+        return computed
 
     def has_segment(self) -> bool:
         return self.finish is not None or len(self.tokens) >= self.budget
@@ -147,6 +163,8 @@ class VllmEngine(Engine):
         kwargs: dict = {"block_size": vllm_block_size(cfg, gpu=torch.cuda.is_available())}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:  # vLLM rewinds a seeded request's generator when it splits a prefill over steps; the CPU generator
+            kwargs["enable_chunked_prefill"] = False  # cannot rewind and the engine dies: prefill prompts whole
         self.llm = LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                        enable_prefix_caching=True, enforce_eager=eager(cfg, torch.cuda.is_available()), seed=seed,
                        tensor_parallel_size=cfg.tensor_parallel_size,
@@ -189,7 +207,6 @@ class VllmEngine(Engine):
                                      f"continuation carries {len(request.token_ids)}")
                 self._issued.discard(run.rid)
                 self._claimed.add(run.rid)
-                self.counters.continued += 1
         if run is None:
             run = self._add(request)
         run.budget = request.max_new_tokens
@@ -211,7 +228,7 @@ class VllmEngine(Engine):
             for out in self.llm.llm_engine.step():
                 run = self._running.get(out.request_id)
                 if run is not None:
-                    run.take(out)
+                    self.counters.processed_tokens += run.take(out)
         events = []
         for ticket in sorted(t for t, job in self._jobs.items() if job.run.has_segment()):
             job = self._jobs.pop(ticket)
@@ -220,7 +237,8 @@ class VllmEngine(Engine):
             going_on = run.pending_or_running()
             events.append((ticket, SegmentResult(
                 token_ids=ids, logprobs=lps, finish=finish, prompt_tokens=len(req.token_ids),
-                cached_tokens=len(req.token_ids) if job.continued else run.cached_tokens,
+                cached_tokens=0 if job.continued else run.cached_tokens,
+                continued_tokens=len(req.token_ids) if job.continued else 0,
                 policy_version=self.policy_version, handle=run.rid if going_on else None)))
             self._claimed.discard(run.rid)
             if going_on:

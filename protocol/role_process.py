@@ -1,6 +1,7 @@
 """How every role process (`treepo buffer|actor|learner`) starts: the same log format, the validated
 config, a stop event that SIGTERM or SIGINT sets, so each role finishes its current work (flush,
-checkpoint) and leaves cleanly instead of dying mid-write, and a heap that keeps what it frees.
+checkpoint) and leaves cleanly instead of dying mid-write, a heap that keeps what it frees, and the
+seconds since the process started (each role logs its start-up time: `process_age_s`).
 
 Every role moves messages of 0.1-10 MB (trees, weight chunks). glibc returns a freed heap top to the
 kernel once it exceeds a threshold that adapts to about twice the largest freed block, so a batch of
@@ -19,8 +20,16 @@ import logging
 import signal
 import sys
 import threading
+import time
+
+import psutil
 
 from protocol.config import PipelineConfig, load_config
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the kernel's start time: imports and set-up included)."""
+    return time.time() - psutil.Process().create_time()
 
 
 def add_config_argument(p: argparse.ArgumentParser) -> None:

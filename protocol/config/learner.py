@@ -78,7 +78,8 @@ class LearnerConfig(Section):
         "auto = bfloat16 on GPU, float32 on CPU.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the run.")
     max_minutes: float = Field(0.0, ge=0, description="End the run cleanly (checkpoint, export, exit 0, as on SIGTERM) "
-                               "once the learner has run this many minutes in this process; 0 = no time limit.")
+                               "once this many minutes have passed since this process's first batch came (start-up and the wait for the "
+                               "actors' first trees excluded; the first metrics row records both); 0 = no time limit.")
     stop_after_skipped: int = Field(50, ge=0, description="End the run early (checkpoint, export, exit 0) after this "
                                     "many batches in a row without a trained token: every group's rewards were equal, "
                                     "so the task is solved (or out of reach) for the policy. 0 never ends early.")

