@@ -115,7 +115,10 @@ def figures_text(metrics: Mapping[str, float], eval_cfg: EvalConfig) -> str:
 
 def eval_label(metrics: Mapping[str, float]) -> str:
     """What to call an evaluation's figures: "held-out" when none of its problems is a training problem (see
-    `actors.evaluate.held_out`), else how many of them are."""
+    `actors.evaluate.held_out`), else how many of them are; "eval" for a row written before problems were keyed
+    (a run resumed from an older version), whose overlap nobody measured."""
+    if "eval_overlap" not in metrics:
+        return "eval"
     overlap = int(metrics["eval_overlap"])
     if overlap == 0:
         return "held-out"

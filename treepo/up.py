@@ -342,8 +342,9 @@ def watch(cfg: PipelineConfig, children: dict[str, Child], metrics_dir: Path,
                     prompt_tokens += r["prompt_tokens"]
                     cached_tokens += r["cached_tokens"]
             for row in eval_rows.new_rows():
-                held_out = (f"  {eval_label(row)} {row[key]:.3f} [{row[f'{key}_ci_low']:.2f},{row[f'{key}_ci_high']:.2f}]"
-                            f" (v{int(row['step'])})")
+                interval = (f" [{row[f'{key}_ci_low']:.2f},{row[f'{key}_ci_high']:.2f}]" if f"{key}_ci_low" in row
+                            else "")  # rows of a run resumed from an older version carry none
+                held_out = f"  {eval_label(row)} {row[key]:.3f}{interval} (v{int(row['step'])})"
             for line in supervisor.check():
                 console.print(line)
             if last is not None:

@@ -98,3 +98,4 @@ def test_tree_sampling_reports_leaf_metrics_not_independent_sample_ones():
 def test_eval_label_says_held_out_only_without_training_problems():
     assert eval_label({"eval_overlap": 0.0, "eval_problems": 33.0}) == "held-out"
     assert eval_label({"eval_overlap": 5.0, "eval_problems": 33.0}) == "eval (5 of 33 problems also in training)"
+    assert eval_label({"all/mean@4": 0.2}) == "eval"  # a row from before problem keys: overlap unmeasured
